@@ -1,0 +1,3 @@
+"""jaxlm: a JAX research framework for language models."""
+
+__version__ = "0.1.0"

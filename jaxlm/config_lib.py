@@ -1,0 +1,630 @@
+"""Experiment configuration: every key with its one default, parsing, overrides, validation.
+
+A config file in ``configs/`` defines ``get_config(arg: str) -> ConfigDict`` that starts from
+:func:`base_config` and changes fields. The command line selects it with
+``--config path/to/file.py:arg`` and overrides any field with ``--config.section.key=value``.
+Before anything is built, :func:`validate` turns the ConfigDict into frozen dataclasses; the
+rest of jaxlm only ever sees those.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+from jaxlm import logical_axes
+from jaxlm.common_types import ConfigError
+
+# Names accepted by the dispatch dicts of the layers above (they assert they agree with these,
+# see tests/config_lib_test.py); kept here so a bad name fails before anything is built.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.kind": ("decoder_only",),
+    "model.position": ("learned", "sinusoidal", "none"),
+    "model.attention": ("xla",),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.activation": ("gelu", "relu", "silu"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots"),
+    "data.source": ("builtin", "files", "tfds", "synthetic"),
+    "data.tokenizer": ("byte",),
+    "data.objective": ("causal_lm",),
+    "data.document": ("file", "line", "paragraph"),
+    "data.synthetic.kind": ("markov",),
+    "optim.schedule": ("cosine", "linear", "constant"),
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Return the config with every key at its single default, locked against new keys."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.kind = "decoder_only"
+    c.model.num_layers = 4
+    c.model.num_heads = 4
+    c.model.num_kv_heads = 0  # 0: same as num_heads (plain multi-head attention)
+    c.model.embed_dim = 256
+    c.model.mlp_dim = 1024
+    c.model.max_len = 256
+    c.model.vocab_size = 0  # 0: the tokenizer's vocabulary size
+    c.model.dropout_rate = 0.0
+    c.model.position = "learned"
+    c.model.attention = "xla"
+    c.model.norm = "layernorm"
+    c.model.activation = "gelu"
+    c.model.tie_embeddings = True
+    c.model.dtype = "float32"  # compute dtype of activations and matmul operands
+    c.model.param_dtype = "float32"
+    c.model.scan_layers = False
+    c.model.remat = "none"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "builtin"
+    c.data.files = ""  # comma-separated globs, for source='files'
+    c.data.eval_files = ""  # comma-separated globs; if set, evaluation reads these instead
+    c.data.name = ""  # catalog dataset name, for source='tfds'
+    c.data.data_dir = ""  # where prepared datasets live; '' = ~/.cache/jaxlm/datasets
+    c.data.tokenizer = "byte"
+    c.data.seq_len = 256
+    c.data.batch_size = 16  # global batch, across all devices and hosts
+    c.data.objective = "causal_lm"
+    c.data.seed = 0
+    c.data.document = "file"  # what one document is: a file, a line, or a blank-line paragraph
+    c.data.eval_fraction = 0.05  # share of documents (or of a single document) held out
+    c.data.synthetic = ml_collections.ConfigDict()
+    c.data.synthetic.kind = "markov"
+    c.data.synthetic.vocab_size = 16
+    c.data.synthetic.concentration = 0.3  # Dirichlet concentration of the transition rows
+    c.data.synthetic.num_train_tokens = 1_000_000
+    c.data.synthetic.num_eval_tokens = 100_000
+    c.data.synthetic.seed = 0
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-3
+    c.optim.min_lr_ratio = 0.1  # final learning rate as a fraction of lr
+    c.optim.warmup_steps = 100
+    c.optim.schedule = "cosine"
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.1
+    c.optim.decay_norms_and_biases = False
+    c.optim.clip_norm = 1.0  # 0 disables clipping
+    c.optim.grad_accum_steps = 1
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 1000
+    c.train.log_every = 50
+    c.train.eval_every = 200  # 0 disables periodic eval (a final eval still runs)
+    c.train.eval_steps = 10
+    c.train.peak_flops = 2.5e11  # per device, for MFU; ~ f32 matmul peak of a 2-core AMX CPU
+    c.train.progress = True  # progress bar on stderr
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 200
+    c.checkpoint.max_to_keep = 3
+    c.checkpoint.async_save = True
+    c.checkpoint.init_from = ""  # a workdir whose latest params initialise a new run
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = ml_collections.ConfigDict(
+        {"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1}
+    )
+    c.mesh.dcn_shape = ml_collections.ConfigDict(
+        {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1}
+    )
+
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.rules = ml_collections.ConfigDict(
+        {name: ",".join(axes or ()) for name, axes in logical_axes.DEFAULT_RULES}
+    )
+
+    c.decode = ml_collections.ConfigDict()
+    c.decode.temperature = 1.0  # 0 is greedy
+    c.decode.top_k = 0  # 0 disables
+    c.decode.top_p = 1.0  # 1 disables
+    c.decode.max_new_tokens = 200
+    c.decode.beam_size = 1
+    c.decode.num_samples = 1
+    c.decode.seed = 0
+
+    c.lock()
+    return c
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+    """Parse a config-file argument ``'size=tiny,foo=bar'`` into a dict of strings."""
+    out: dict[str, str] = {}
+    if not arg:
+        return out
+    for item in arg.split(","):
+        if not item:
+            continue
+        if "=" not in item:
+            raise ConfigError(f"config argument {item!r} is not key=value; write e.g. ':size=tiny'")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Load ``path/to/file.py[:arg]`` by calling its ``get_config(arg)``."""
+    path, _, arg = spec.partition(":")
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: no such file {path!r}; give a path like configs/gpt.py")
+    module_spec = importlib.util.spec_from_file_location("jaxlm_user_config", path)
+    if module_spec is None or module_spec.loader is None:
+        raise ConfigError(f"--config: {path!r} is not a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config: {path!r} defines no get_config(arg)")
+    try:
+        config = module.get_config(arg)
+    except (AttributeError, KeyError) as e:  # a locked ConfigDict rejects unknown keys
+        raise ConfigError(f"{path}: {_first_line(e)}; see config_lib.base_config()") from e
+    except TypeError as e:
+        raise ConfigError(f"{path}: {_first_line(e)}") from e
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"--config: get_config in {path!r} must return a ConfigDict")
+    return config
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().strip("'\"")
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _parse_value(text: str, current: Any, key: str) -> Any:
+    """Parse an override string into the type of the current value."""
+    if isinstance(current, bool):
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"--config.{key}={text}: expected true or false")
+    if isinstance(current, int):
+        try:
+            value = ast.literal_eval(text.replace("_", ""))
+        except (ValueError, SyntaxError):
+            value = None
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"--config.{key}={text}: expected an integer")
+        return value
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"--config.{key}={text}: expected a number") from None
+    if isinstance(current, str):
+        return text
+    if isinstance(current, (tuple, list)):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = tuple(v.strip() for v in text.split(",") if v.strip())
+        return type(current)(value if isinstance(value, (tuple, list)) else (value,))
+    raise ConfigError(f"--config.{key}: cannot be set from the command line")
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, str]) -> None:
+    """Apply ``{'model.num_layers': '4', ...}`` in place, rejecting unknown keys."""
+    for key, text in overrides.items():
+        node = config
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                where = ".".join(parts[:i]) or "config"
+                raise ConfigError(
+                    f"--config.{key}: unknown key {part!r} in {where}; valid keys: "
+                    + ", ".join(known)
+                )
+            if i < len(parts) - 1:
+                node = node[part]
+        current = node[parts[-1]]
+        if isinstance(current, ml_collections.ConfigDict):
+            raise ConfigError(f"--config.{key} is a section; set one of its keys instead")
+        value = _parse_value(text, current, key)
+        with node.unlocked():
+            node[parts[-1]] = value
+
+
+# --------------------------------------------------------------------------------------
+# Frozen, validated config.
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a model; see base_config() for the meaning of each field."""
+
+    kind: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    embed_dim: int
+    mlp_dim: int
+    max_len: int
+    vocab_size: int
+    dropout_rate: float
+    position: str
+    attention: str
+    norm: str
+    activation: str
+    tie_embeddings: bool
+    dtype: str
+    param_dtype: str
+    scan_layers: bool
+    remat: str
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.embed_dim // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    """A synthetic source with known statistics."""
+
+    kind: str
+    vocab_size: int
+    concentration: float
+    num_train_tokens: int
+    num_eval_tokens: int
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where batches come from and how they are made."""
+
+    source: str
+    files: str
+    eval_files: str
+    name: str
+    data_dir: str
+    tokenizer: str
+    seq_len: int
+    batch_size: int
+    objective: str
+    seed: int
+    document: str
+    eval_fraction: float
+    synthetic: SyntheticConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warmup, decay schedule, clipping and gradient accumulation."""
+
+    lr: float
+    min_lr_ratio: float
+    warmup_steps: int
+    schedule: str
+    b1: float
+    b2: float
+    eps: float
+    weight_decay: float
+    decay_norms_and_biases: bool
+    clip_norm: float
+    grad_accum_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Length of training and how often to log and evaluate."""
+
+    num_steps: int
+    log_every: int
+    eval_every: int
+    eval_steps: int
+    peak_flops: float
+    progress: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpointing."""
+
+    every_steps: int
+    max_to_keep: int
+    async_save: bool
+    init_from: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh: sizes per named axis within a slice (shape) and across slices (dcn)."""
+
+    shape: dict[str, int]
+    dcn_shape: dict[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingConfig:
+    """Logical axis name -> comma-separated mesh axes ('' replicates)."""
+
+    rules: dict[str, str]
+
+    def as_tuples(self) -> tuple[tuple[str, tuple[str, ...] | None], ...]:
+        """The rules in the form flax.linen's logical partitioning takes."""
+        out = []
+        for name, axes in self.rules.items():
+            parts = tuple(a.strip() for a in axes.split(",") if a.strip())
+            out.append((name, parts or None))
+        return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Sampling settings for generation."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    max_new_tokens: int
+    beam_size: int
+    num_samples: int
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole validated experiment configuration."""
+
+    seed: int
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    train: TrainConfig
+    checkpoint: CheckpointConfig
+    mesh: MeshConfig
+    sharding: ShardingConfig
+    decode: DecodeConfig
+
+
+def _to_dataclass(cls: type, value: Any, path: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking keys and leaf types."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"config.{path} must be a section, got {value!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"unknown key config.{path}.{unknown[0]}; valid keys: {', '.join(names)}"
+        )
+    missing = [n for n in names if n not in value]
+    if missing:
+        raise ConfigError(f"config.{path}.{missing[0]} is missing; start from base_config()")
+    kwargs = {}
+    for name in names:
+        kwargs[name] = _coerce(hints[name], value[name], f"{path}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _to_dataclass(hint, value, path)
+    origin = typing.get_origin(hint)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config.{path} must be a section")
+        _, vtype = typing.get_args(hint)
+        return {k: _coerce(vtype, v, f"{path}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config.{path}={value!r} must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config.{path}={value!r} must be an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config.{path}={value!r} must be a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"config.{path}={value!r} must be finite")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config.{path}={value!r} must be a string")
+        return value
+    if isinstance(hint, types.UnionType) or origin is not None:
+        return value
+    return value
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Config:
+    """Check every field and cross-field constraint; return the frozen config.
+
+    Raises ConfigError with a one-line message naming the field and the fix.
+    """
+    raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    cfg: Config = _to_dataclass(Config, raw, "")
+    for dotted, valid in CHOICES.items():
+        section, _, rest = dotted.partition(".")
+        obj: Any = getattr(cfg, section)
+        for part in rest.split("."):
+            obj = getattr(obj, part)
+        _check(obj in valid, f"config.{dotted}={obj!r} is not one of: {', '.join(valid)}")
+
+    m, d, o, t, ck = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.checkpoint
+    for name in ("num_layers", "num_heads", "embed_dim", "mlp_dim", "max_len"):
+        _check(getattr(m, name) > 0, f"config.model.{name}={getattr(m, name)} must be > 0")
+    _check(
+        m.embed_dim % m.num_heads == 0,
+        f"config.model.num_heads={m.num_heads} must divide config.model.embed_dim="
+        f"{m.embed_dim}; pick e.g. num_heads={_divisor_near(m.embed_dim, m.num_heads)}",
+    )
+    _check(m.num_kv_heads >= 0, "config.model.num_kv_heads must be >= 0 (0 = num_heads)")
+    if m.num_kv_heads:
+        _check(
+            m.num_heads % m.num_kv_heads == 0,
+            f"config.model.num_kv_heads={m.num_kv_heads} must divide "
+            f"config.model.num_heads={m.num_heads}",
+        )
+    _check(m.vocab_size >= 0, "config.model.vocab_size must be >= 0 (0 = the tokenizer's)")
+    _check(
+        0.0 <= m.dropout_rate < 1.0,
+        f"config.model.dropout_rate={m.dropout_rate} must be in [0, 1)",
+    )
+    _check(d.seq_len > 0, f"config.data.seq_len={d.seq_len} must be > 0")
+    _check(
+        d.seq_len <= m.max_len,
+        f"config.data.seq_len={d.seq_len} exceeds config.model.max_len={m.max_len}; "
+        "raise max_len or lower seq_len",
+    )
+    _check(d.batch_size > 0, f"config.data.batch_size={d.batch_size} must be > 0")
+    _check(
+        0.0 <= d.eval_fraction < 1.0,
+        f"config.data.eval_fraction={d.eval_fraction} must be in [0, 1)",
+    )
+    if d.source == "files":
+        _check(bool(d.files.strip()), "config.data.files is empty; set it to a glob like '~/corpus/*.txt'")
+    if d.source == "tfds":
+        _check(bool(d.name), "config.data.name is empty; name a tfds dataset like 'tiny_shakespeare'")
+    s = d.synthetic
+    _check(s.vocab_size >= 2, "config.data.synthetic.vocab_size must be >= 2")
+    _check(s.concentration > 0, "config.data.synthetic.concentration must be > 0")
+    _check(o.lr > 0, f"config.optim.lr={o.lr} must be > 0")
+    _check(0.0 <= o.min_lr_ratio <= 1.0, "config.optim.min_lr_ratio must be in [0, 1]")
+    _check(o.warmup_steps >= 0, "config.optim.warmup_steps must be >= 0")
+    _check(0.0 <= o.b1 < 1.0 and 0.0 <= o.b2 < 1.0, "config.optim.b1 and b2 must be in [0, 1)")
+    _check(o.eps > 0, "config.optim.eps must be > 0")
+    _check(o.weight_decay >= 0, "config.optim.weight_decay must be >= 0")
+    _check(o.clip_norm >= 0, "config.optim.clip_norm must be >= 0 (0 disables clipping)")
+    _check(o.grad_accum_steps >= 1, "config.optim.grad_accum_steps must be >= 1")
+    _check(
+        d.batch_size % o.grad_accum_steps == 0,
+        f"config.optim.grad_accum_steps={o.grad_accum_steps} must divide "
+        f"config.data.batch_size={d.batch_size}",
+    )
+    _check(t.num_steps > 0, f"config.train.num_steps={t.num_steps} must be > 0")
+    _check(t.log_every > 0, f"config.train.log_every={t.log_every} must be > 0")
+    _check(t.eval_every >= 0, "config.train.eval_every must be >= 0 (0 = only at the end)")
+    _check(t.eval_steps > 0, f"config.train.eval_steps={t.eval_steps} must be > 0")
+    _check(t.peak_flops > 0, "config.train.peak_flops must be > 0 (FLOP/s per device)")
+    _check(ck.every_steps > 0, f"config.checkpoint.every_steps={ck.every_steps} must be > 0")
+    _check(ck.max_to_keep > 0, f"config.checkpoint.max_to_keep={ck.max_to_keep} must be > 0")
+    for field in ("shape", "dcn_shape"):
+        sizes = getattr(cfg.mesh, field)
+        _check(
+            set(sizes) == set(logical_axes.MESH_AXES),
+            f"config.mesh.{field} must have exactly the axes {', '.join(logical_axes.MESH_AXES)}",
+        )
+        _check(
+            sum(1 for v in sizes.values() if v == -1) <= (1 if field == "shape" else 0)
+            and all(v == -1 or v >= 1 for v in sizes.values()),
+            f"config.mesh.{field} sizes must be >= 1"
+            + (" with at most one -1 (filled from the device count)" if field == "shape" else ""),
+        )
+    for name, axes in cfg.sharding.rules.items():
+        _check(name in logical_axes.ALL_AXES, f"config.sharding.rules.{name} is not a logical axis")
+        for axis in (a.strip() for a in axes.split(",") if a.strip()):
+            _check(
+                axis in logical_axes.MESH_AXES,
+                f"config.sharding.rules.{name}={axes!r}: {axis!r} is not a mesh axis "
+                f"({', '.join(logical_axes.MESH_AXES)})",
+            )
+    dc = cfg.decode
+    _check(dc.temperature >= 0, "config.decode.temperature must be >= 0 (0 is greedy)")
+    _check(dc.top_k >= 0, "config.decode.top_k must be >= 0 (0 disables)")
+    _check(0.0 < dc.top_p <= 1.0, "config.decode.top_p must be in (0, 1]")
+    _check(dc.max_new_tokens > 0, "config.decode.max_new_tokens must be > 0")
+    _check(dc.beam_size >= 1, "config.decode.beam_size must be >= 1")
+    _check(dc.num_samples >= 1, "config.decode.num_samples must be >= 1")
+    return cfg
+
+
+def _divisor_near(n: int, k: int) -> int:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divisors, key=lambda d: (abs(d - k), d))
+
+
+def to_json(config: Config | ml_collections.ConfigDict) -> str:
+    """Serialize a config to JSON (for the workdir's config.json)."""
+    raw = dataclasses.asdict(config) if isinstance(config, Config) else config.to_dict()
+    return json.dumps(raw, indent=2, sort_keys=False)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """Rebuild a locked ConfigDict from :func:`to_json` output, on top of base_config().
+
+    Keys missing from an older file keep their defaults; keys the current version does not
+    know are rejected.
+    """
+    raw = json.loads(text)
+    config = base_config()
+    _merge(config, raw, "")
+    return config
+
+
+def _merge(node: ml_collections.ConfigDict, raw: Mapping[str, Any], path: str) -> None:
+    for key, value in raw.items():
+        if key not in node:
+            raise ConfigError(f"saved config has unknown key {path}{key}; it was written by a newer jaxlm")
+        if isinstance(node[key], ml_collections.ConfigDict):
+            _merge(node[key], value, f"{path}{key}.")
+        else:
+            current = node[key]
+            if isinstance(current, tuple) and isinstance(value, list):
+                value = tuple(value)
+            if isinstance(current, float) and isinstance(value, int):
+                value = float(value)
+            with node.unlocked():
+                node[key] = value
+
+
+def flatten(raw: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten a nested mapping to dotted keys."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def overrides_from_argv(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """Split ``--config.a.b=v`` / ``--config.a.b v`` arguments from the rest."""
+    overrides: dict[str, str] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            key, eq, value = arg[len("--config.") :].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{arg} needs a value: write {arg}=VALUE")
+                value = argv[i + 1]
+                i += 1
+            overrides[key] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return overrides, rest

@@ -1,0 +1,1 @@
+"""Flax linen primitives: norms, masks, linears, embeddings/positions, attention."""
