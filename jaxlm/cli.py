@@ -1,0 +1,136 @@
+"""The ``jaxlm`` command line: ``jaxlm train|eval|generate ...``.
+
+Every error a user can cause (config, data, paths, flags) is printed as one line,
+``error: <what> ; <fix>``, with exit status 2; nothing in the workdir is overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from jaxlm import config_lib
+from jaxlm.common_types import ConfigError, UserError
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors on one line with exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{self.prog}: {message}; see {self.prog} --help")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="jaxlm", description="JAX research framework for language models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(p: argparse.ArgumentParser, *, config_required: bool) -> None:
+        p.add_argument(
+            "--config",
+            default=None,
+            help="config file and argument, e.g. configs/gpt.py:size=small"
+            + ("" if config_required else " (default: the workdir's config.json)"),
+        )
+        p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, config, tokenizer")
+
+    train = sub.add_parser("train", help="train a model (resumes if the workdir has a checkpoint)")
+    common(train, config_required=True)
+    train.add_argument("--coordinator_address", default=None, help="multi-host: HOST:PORT of process 0")
+    train.add_argument("--num_processes", type=int, default=None, help="multi-host: number of processes")
+    train.add_argument("--process_id", type=int, default=None, help="multi-host: index of this process")
+
+    ev = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir")
+    common(ev, config_required=False)
+
+    gen = sub.add_parser("generate", help="sample text from the latest checkpoint of a workdir")
+    common(gen, config_required=False)
+    gen.add_argument("--prompt", default="", help="text to continue")
+    gen.add_argument("--temperature", type=float, default=None, help="0 is greedy (config.decode.temperature)")
+    gen.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens (0: off)")
+    gen.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass (1: off)")
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed")
+    gen.add_argument("--max_new_tokens", type=int, default=None, help="tokens to generate")
+    gen.add_argument("--num_samples", type=int, default=None, help="samples to draw")
+    return parser
+
+
+def load_config(args: argparse.Namespace, overrides: dict[str, str], *, required: bool) -> config_lib.Config:
+    """Config from ``--config`` (or the workdir's config.json), with ``--config.*`` overrides."""
+    from jaxlm.main import workdir as workdir_lib
+
+    if args.config:
+        config = config_lib.load_config_file(args.config)
+    else:
+        path = workdir_lib.check_path(args.workdir, must_exist=not required)
+        config = workdir_lib.saved_config(path) if os.path.isdir(path) else None
+        if config is None:
+            if required:
+                raise ConfigError("--config is required for a new workdir; e.g. --config configs/gpt.py:size=small")
+            raise ConfigError(f"--workdir {args.workdir} has no config.json; train there first or pass --config")
+    config_lib.apply_overrides(config, overrides)
+    return config_lib.validate(config)
+
+
+def _maybe_init_distributed(args: argparse.Namespace) -> None:
+    flags = (args.coordinator_address, args.num_processes, args.process_id)
+    if all(f is None for f in flags):
+        return
+    if any(f is None for f in flags):
+        raise UserError("--coordinator_address, --num_processes and --process_id must be given together")
+    import jax
+
+    jax.distributed.initialize(
+        coordinator_address=args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id
+    )
+
+
+def run(argv: Sequence[str]) -> int:
+    """Parse ``argv`` (without the program name) and run the command; returns the exit status."""
+    overrides, rest = config_lib.overrides_from_argv(list(argv))
+    args = _parser().parse_args(rest)
+    if args.command == "train":
+        config = load_config(args, overrides, required=True)
+        _maybe_init_distributed(args)
+        from jaxlm.main import train
+
+        train.run(config, args.workdir)
+    elif args.command == "eval":
+        config = load_config(args, overrides, required=False)
+        from jaxlm.main import evaluate
+
+        evaluate.run(config, args.workdir)
+    elif args.command == "generate":
+        for flag in ("temperature", "top_k", "top_p", "seed", "max_new_tokens", "num_samples"):
+            value = getattr(args, flag)
+            if value is not None:
+                overrides[f"decode.{flag}"] = str(value)
+        config = load_config(args, overrides, required=False)
+        from jaxlm.main import generate
+
+        for text in generate.run(config, args.workdir, args.prompt):
+            print(text)
+            print("-" * 40)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Console entry point."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        status = run(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        status = EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        status = 130
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: background threads of prefetchers and async checkpointers
+    # have been joined by now, and their finalizers only print noise at exit.
+    os._exit(status)

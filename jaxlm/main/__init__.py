@@ -1,0 +1,1 @@
+"""Programs: one flat, top-to-bottom function per program (train, eval, generate, ...)."""

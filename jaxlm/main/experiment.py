@@ -1,0 +1,129 @@
+"""What train, eval and generate build the same way: mesh, model, optimizer, sharded state.
+
+The state is never materialized on one device: its shapes come from ``jax.eval_shape``, its
+shardings from the parameters' logical axis names and ``config.sharding.rules``, and it is
+either restored from a checkpoint onto those shardings or initialized by a jitted ``init``
+whose ``out_shardings`` place every shard directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from jaxlm import models, optim, sharding
+from jaxlm.common_types import ConfigError
+from jaxlm.config_lib import Config, ModelConfig
+from jaxlm.train_state import TrainState
+
+
+@dataclasses.dataclass
+class Experiment:
+    """The pieces every program needs, built from a validated config."""
+
+    config: Config
+    model_cfg: ModelConfig
+    model: nn.Module
+    tx: optax.GradientTransformation
+    mesh: Mesh
+    rules: sharding.Rules
+    abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
+    state_shardings: TrainState
+
+
+def build(config: Config, vocab_size: int, *, num_steps: int | None = None) -> Experiment:
+    """Mesh, model, optimizer and the abstract sharded state for ``config``."""
+    model_cfg = models.resolve(config.model, vocab_size)
+    if model_cfg.vocab_size < vocab_size:
+        raise ConfigError(
+            f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {vocab_size}; "
+            "set it to 0 to follow the tokenizer"
+        )
+    mesh = sharding.make_mesh(config.mesh)
+    rules = config.sharding.as_tuples()
+    model = models.build(model_cfg)
+    tx = optim.make_optimizer(config.optim, num_steps or config.train.num_steps)
+
+    def init_boxed(rng: jax.Array) -> Any:
+        tokens = jnp.zeros((1, min(config.data.seq_len, model_cfg.max_len)), jnp.int32)
+        return model.init({"params": rng}, tokens)["params"]
+
+    boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+    param_specs = sharding.logical_specs(boxed)
+    abstract_params = nn.unbox(boxed)
+    abstract_state = jax.eval_shape(lambda p: TrainState.create(p, tx), abstract_params)
+    # Optimizer moments mirror the parameters; scalars (counts) are replicated.
+    state_specs = _state_specs(abstract_state, abstract_params, param_specs)
+    state_shardings = sharding.logical_to_sharding(state_specs, mesh, rules)
+    _check_divisible(abstract_state, state_shardings)
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings
+    )
+    return Experiment(config, model_cfg, model, tx, mesh, rules, abstract_state, state_shardings)
+
+
+def _state_specs(abstract_state: TrainState, abstract_params: Any, param_specs: Any) -> TrainState:
+    """Logical PartitionSpecs for the whole state: moments take their parameter's spec."""
+    flat_params = {
+        _shape_path(path): spec
+        for (path, _), spec in zip(
+            jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+            jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
+        )
+    }
+
+    def spec_for(path: tuple, leaf: Any) -> jax.sharding.PartitionSpec:
+        key = _shape_path(path)
+        # An optimizer leaf's path ends with the parameter's path (e.g. opt_state/0/mu/<param path>).
+        for n in range(len(key), 0, -1):
+            spec = flat_params.get(key[-n:])
+            if spec is not None and len(spec) == len(leaf.shape):
+                return spec
+        return jax.sharding.PartitionSpec()
+
+    return jax.tree_util.tree_map_with_path(spec_for, abstract_state)
+
+
+def _shape_path(path: tuple) -> tuple:
+    return tuple(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
+
+
+def _check_divisible(abstract_state: TrainState, shardings: TrainState) -> None:
+    def check(path: tuple, leaf: Any, s: jax.sharding.NamedSharding) -> None:
+        for dim, axes in zip(leaf.shape, s.spec):
+            if axes is None:
+                continue
+            names = (axes,) if isinstance(axes, str) else axes
+            size = 1
+            for a in names:
+                size *= s.mesh.shape[a]
+            if dim % size:
+                raise ConfigError(
+                    f"parameter {'/'.join(_shape_path(path))} has a dimension of {dim} that mesh axes "
+                    f"{'x'.join(names)} (size {size}) do not divide; change config.mesh.shape or config.sharding.rules"
+                )
+
+    jax.tree_util.tree_map_with_path(check, abstract_state, shardings)
+
+
+def init_state(exp: Experiment, seed: int) -> TrainState:
+    """Initialize the state directly into its shardings (never whole on one device)."""
+
+    def init(rng: jax.Array) -> TrainState:
+        tokens = jnp.zeros((1, min(exp.config.data.seq_len, exp.model_cfg.max_len)), jnp.int32)
+        params = nn.unbox(exp.model.init({"params": rng}, tokens)["params"])
+        return TrainState.create(params, exp.tx)
+
+    with jax.set_mesh(exp.mesh), nn.logical_axis_rules(exp.rules):
+        return jax.jit(init, out_shardings=exp.state_shardings)(jax.random.key(seed))
+
+
+def param_count(abstract_params: Any) -> int:
+    """Number of parameters in a (possibly abstract) parameter tree."""
+    return sum(int(x.size) for x in jax.tree.leaves(abstract_params))

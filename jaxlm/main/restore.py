@@ -1,0 +1,30 @@
+"""Open a trained workdir for reading: its tokenizer and its latest parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxlm import checkpoint
+from jaxlm.common_types import CheckpointError
+from jaxlm.config_lib import Config
+from jaxlm.data import tokenizers
+from jaxlm.main import experiment
+from jaxlm.main import workdir as workdir_lib
+
+
+def open_trained(config: Config, workdir: str) -> tuple[experiment.Experiment, Any, tokenizers.Tokenizer, int]:
+    """Build the experiment for ``config`` and restore the latest checkpoint of ``workdir``.
+
+    Returns ``(experiment, params, tokenizer, step)``.
+    """
+    workdir = workdir_lib.check_path(workdir, must_exist=True)
+    workdir_lib.check_compatible(workdir, config)
+    tokenizer = tokenizers.load(workdir)
+    exp = experiment.build(config, tokenizer.vocab_size)
+    manager = checkpoint.make_manager(workdir, config.checkpoint, read_only=True)
+    step = manager.latest_step()
+    if step is None:
+        raise CheckpointError(f"--workdir {workdir} has no checkpoint yet; train first with jaxlm train")
+    state, _ = checkpoint.restore(manager, step, exp.abstract_state)
+    manager.close()
+    return exp, state.params, tokenizer, step

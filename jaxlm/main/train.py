@@ -1,0 +1,226 @@
+"""``jaxlm train``: train a language model from a config, resuming from the workdir if possible."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from jaxlm import checkpoint, optim, sharding
+from jaxlm.common_types import ConfigError
+from jaxlm.config_lib import Config
+from jaxlm.data import pipeline, sources, tokenizers
+from jaxlm.main import experiment
+from jaxlm.main import workdir as workdir_lib
+from jaxlm.metric_writer import MetricWriter
+from jaxlm.models import config as model_config
+from jaxlm.steps import lm
+
+
+def evaluate(exp: experiment.Experiment, params: Any, source: Any, tokenizer: Any, eval_fn: Any) -> dict[str, float]:
+    """Mean token loss and perplexity over the first ``eval_steps`` validation batches."""
+    cfg = exp.config
+    ds = pipeline.lm_dataset(
+        source,
+        tokenizer,
+        seq_len=cfg.data.seq_len,
+        batch_size=cfg.data.batch_size // jax.process_count(),
+        seed=cfg.data.seed,
+        shuffle=False,
+        prefetch=0,
+        shard_index=jax.process_index() if len(source) >= jax.process_count() else 0,
+        shard_count=jax.process_count() if len(source) >= jax.process_count() else 1,
+    )
+    it = iter(ds)
+    totals = None
+    for _ in range(cfg.train.eval_steps):
+        out = eval_fn(params, sharding.host_to_global(next(it), exp.mesh, exp.rules))
+        totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
+    totals = jax.device_get(totals)
+    loss = float(totals["loss_sum"]) / max(float(totals["weight_sum"]), 1.0)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def run(config: Config, workdir: str, *, stop_at: int | None = None, stream: TextIO | None = None) -> dict[str, Any]:
+    """Train ``config`` in ``workdir``; returns the last logged and eval metrics.
+
+    ``stop_at`` ends the run after that step (with a checkpoint), as an interruption would.
+    """
+    stream = stream or sys.stdout
+    lead = jax.process_index() == 0
+
+    # ---- Workdir and config: refuse bad input before anything is written.
+    workdir = workdir_lib.check_path(workdir)
+    workdir_lib.check_compatible(workdir, config)
+
+    # ---- Data.
+    split_sources = sources.open_sources(config.data)
+    tokenizer = tokenizers.build(config.data.tokenizer)
+    processes = jax.process_count()
+    if config.data.batch_size % processes:
+        raise ConfigError(f"config.data.batch_size={config.data.batch_size} must be divisible by {processes} processes")
+    host_batch = config.data.batch_size // processes
+    train_ds = pipeline.lm_dataset(
+        split_sources["train"],
+        tokenizer,
+        seq_len=config.data.seq_len,
+        batch_size=host_batch,
+        seed=config.data.seed,
+        shuffle=True,
+        shard_index=jax.process_index(),
+        shard_count=processes,
+    )
+
+    # ---- Mesh, model, optimizer, abstract sharded state.
+    exp = experiment.build(config, tokenizer.vocab_size)
+    divisor = sharding.batch_divisor(exp.mesh, exp.rules)
+    if config.data.batch_size % (divisor * config.optim.grad_accum_steps):
+        raise ConfigError(
+            f"config.data.batch_size={config.data.batch_size} must be divisible by the {divisor} batch shards "
+            f"x config.optim.grad_accum_steps={config.optim.grad_accum_steps}"
+        )
+
+    # ---- State: restore the latest checkpoint, else initialize directly sharded.
+    manager = checkpoint.make_manager(workdir, config.checkpoint)
+    start = manager.latest_step()
+    data_iter = iter(train_ds)
+    if start is not None:
+        state, data_state = checkpoint.restore(manager, start, exp.abstract_state)
+        if data_state:
+            data_iter.set_state(data_state)
+        print(f"resumed from {workdir} at step {start}", file=stream, flush=True)
+    else:
+        start = 0
+        state = experiment.init_state(exp, config.seed)
+    if lead:
+        workdir_lib.write_config(workdir, config)
+        tokenizer.save(workdir)
+
+    # ---- Compile the step with explicit shardings; the state buffers are donated.
+    batch_shardings = {k: sharding.batch_sharding(exp.mesh, exp.rules, 2) for k in ("inputs", "targets", "weights")}
+    repl = sharding.replicated(exp.mesh)
+    step_fn = functools.partial(
+        lm.train_step, model=exp.model, tx=exp.tx, grad_accum_steps=config.optim.grad_accum_steps
+    )
+    rng = jax.random.key(config.seed + 1)
+    eval_fn = jax.jit(
+        functools.partial(lm.eval_step, model=exp.model), in_shardings=(exp.state_shardings.params, batch_shardings)
+    )
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct(
+            (config.data.batch_size, config.data.seq_len), np.float32 if k == "weights" else np.int32, sharding=s
+        )
+        for k, s in batch_shardings.items()
+    }
+    t0 = time.perf_counter()
+    with jax.set_mesh(exp.mesh), nn.logical_axis_rules(exp.rules):
+        train_step = (
+            jax.jit(
+                step_fn,
+                donate_argnums=0,
+                in_shardings=(exp.state_shardings, batch_shardings, repl),
+                out_shardings=(exp.state_shardings, repl),
+            )
+            .lower(exp.abstract_state, abstract_batch, jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=repl))
+            .compile()
+        )
+    compile_s = time.perf_counter() - t0
+
+    # ---- Loop.
+    writer = MetricWriter(workdir, write=lead, stream=stream)
+    flops_per_token = model_config.flops_per_token(exp.model_cfg, config.data.seq_len)
+    peak = config.train.peak_flops * jax.device_count()
+    schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
+    num_steps = config.train.num_steps
+    end = num_steps if stop_at is None else min(stop_at, num_steps)
+    if lead:
+        n_params = experiment.param_count(exp.abstract_state.params)
+        print(
+            f"training {config.model.kind}: {n_params:,} params, {exp.mesh.size} devices {dict(exp.mesh.shape)}, "
+            f"steps {start}->{end}, compile {compile_s:.1f}s",
+            file=stream,
+            flush=True,
+        )
+    progress = _progress(start, end, lead and config.train.progress)
+    pending: list[dict[str, Any]] = []
+    last: dict[str, Any] = {}
+    interval_start, interval_steps = time.perf_counter(), 0
+    step = start
+    with jax.set_mesh(exp.mesh), nn.logical_axis_rules(exp.rules):
+        while step < end:
+            batch = sharding.host_to_global(next(data_iter), exp.mesh, exp.rules)
+            state, metrics = train_step(state, batch, rng)
+            pending.append(metrics)
+            step += 1
+            interval_steps += 1
+            progress.update(1)
+            if step % config.train.log_every == 0 or step == end:
+                fetched = jax.device_get(pending)  # the only host sync, once per log interval
+                elapsed = time.perf_counter() - interval_start
+                tokens = sum(float(m["tokens"]) for m in fetched)
+                tokens_per_s = tokens / elapsed
+                last = writer.write(
+                    step,
+                    {
+                        "loss": float(np.mean([m["loss"] for m in fetched])),
+                        "grad_norm": float(fetched[-1]["grad_norm"]),
+                        "param_norm": float(fetched[-1]["param_norm"]),
+                        "lr": float(schedule(step - 1)),
+                        "step_time_s": elapsed / interval_steps,
+                        "tokens_per_s": tokens_per_s,
+                        "mfu": tokens_per_s * flops_per_token / peak,
+                    },
+                )
+                progress.set_postfix(loss=f"{last['loss']:.3f}")
+                pending, interval_start, interval_steps = [], time.perf_counter(), 0
+            if not all(math.isfinite(float(v)) for v in last.values()):
+                raise FloatingPointError(f"non-finite training metrics at step {step}: {last}")
+            if config.train.eval_every and step % config.train.eval_every == 0 and step != end:
+                last.update(
+                    writer.write(step, evaluate(exp, state.params, split_sources["validation"], tokenizer, eval_fn))
+                )
+                interval_start = time.perf_counter()
+            if step % config.checkpoint.every_steps == 0 or step == end:
+                checkpoint.save(manager, step, state, data_iter.get_state())
+        final = evaluate(exp, state.params, split_sources["validation"], tokenizer, eval_fn)
+    progress.close()
+    last.update(writer.write(step, final))
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    del data_iter
+    return last
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(start: int, end: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(
+        total=end,
+        initial=start,
+        desc="train",
+        unit="step",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=not os.isatty(2) and os.environ.get("JAXLM_PROGRESS", "") != "1",
+    )

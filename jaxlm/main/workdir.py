@@ -1,0 +1,83 @@
+"""The layout of a workdir: ``config.json``, ``tokenizer.json``, ``checkpoints/``, metrics.
+
+Everything that a later ``jaxlm eval`` / ``generate`` / resumed ``train`` needs to rebuild a
+run lives in the workdir, written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import ml_collections
+
+from jaxlm import checkpoint, config_lib
+from jaxlm.common_types import CheckpointError
+from jaxlm.config_lib import Config
+
+CONFIG_FILE = "config.json"
+
+# Fields that must not change between the run that wrote a checkpoint and the one reading it.
+COMPATIBILITY_FIELDS = ("model", "data.tokenizer")
+
+
+def check_path(workdir: str, *, must_exist: bool = False) -> str:
+    """Return the absolute workdir, rejecting a path that is a file (or missing, if required)."""
+    if not workdir:
+        raise CheckpointError("--workdir is required; give a directory such as runs/gpt-small")
+    path = os.path.abspath(os.path.expanduser(workdir))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"--workdir {workdir} is a file, not a directory; give a directory path")
+    if must_exist and not os.path.isdir(path):
+        raise CheckpointError(f"--workdir {workdir} does not exist; train first with: jaxlm train --workdir {workdir}")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK) and not must_exist:
+        raise CheckpointError(f"--workdir {workdir} is not writable (no write permission on {parent}); pick another")
+    return path
+
+
+def saved_config(workdir: str) -> ml_collections.ConfigDict | None:
+    """The ConfigDict saved by the run that owns ``workdir``, or None."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return config_lib.from_json(f.read())
+
+
+def check_compatible(workdir: str, config: Config) -> None:
+    """Refuse to resume from a workdir whose model (or tokenizer) differs from ``config``."""
+    saved = saved_config(workdir)
+    if saved is None:
+        return
+    old = config_lib.flatten(_asdict(config_lib.validate(saved)))
+    new = config_lib.flatten(_asdict(config))
+    for key in sorted(new):
+        if any(key == f or key.startswith(f + ".") for f in COMPATIBILITY_FIELDS) and old.get(key) != new[key]:
+            if key == "model.vocab_size" and 0 in (old.get(key), new[key]):
+                continue
+            raise CheckpointError(
+                f"--workdir {workdir} holds a run with {key}={old.get(key)!r} but the config says {new[key]!r}; "
+                "use a new --workdir or the same model config"
+            )
+
+
+def _asdict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def write_config(workdir: str, config: Config) -> None:
+    """Write ``config.json`` atomically."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, CONFIG_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(config_lib.to_json(config))
+    os.replace(tmp, path)
+
+
+def has_checkpoint(workdir: str) -> bool:
+    """Whether ``workdir`` holds at least one complete checkpoint."""
+    return checkpoint.latest_step(workdir) is not None
