@@ -56,6 +56,19 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="sampling seed")
     gen.add_argument("--max_new_tokens", type=int, default=None, help="tokens to generate")
     gen.add_argument("--num_samples", type=int, default=None, help="samples to draw")
+    info = sub.add_parser("info", help="parameter counts, FLOPs per token and logical axes of a config")
+    info.add_argument("--config", required=True, help="config file and argument, e.g. configs/gpt.py:size=small")
+    info.set_defaults(workdir=None)
+
+    conv = sub.add_parser(
+        "convert",
+        help="import a Hugging Face checkpoint into a workdir (--from hf DIR) or export one (--to hf DIR)",
+    )
+    direction = conv.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from", dest="from_format", choices=("hf",), help="import the model directory DIR")
+    direction.add_argument("--to", dest="to_format", choices=("hf",), help="export to the new directory DIR")
+    conv.add_argument("--workdir", required=True, help="the jaxlm run directory to create (--from) or read (--to)")
+    conv.add_argument("path", metavar="DIR", help="Hugging Face model directory (save_pretrained layout)")
     return parser
 
 
@@ -99,6 +112,11 @@ def run(argv: Sequence[str]) -> int:
         from jaxlm.main import train
 
         train.run(config, args.workdir)
+    elif args.command == "info":
+        config = load_config(args, overrides, required=True)
+        from jaxlm.main import info
+
+        info.run(config)
     elif args.command == "eval":
         config = load_config(args, overrides, required=False)
         from jaxlm.main import evaluate
@@ -115,6 +133,15 @@ def run(argv: Sequence[str]) -> int:
         for text in generate.run(config, args.workdir, args.prompt):
             print(text)
             print("-" * 40)
+    elif args.command == "convert":
+        from jaxlm.main import convert
+
+        if args.from_format:
+            convert.run_from_hf(args.path, args.workdir, overrides=overrides)
+        else:
+            if overrides:
+                raise UserError("--config.* overrides apply to convert --from only; export uses the workdir's config")
+            convert.run_to_hf(args.workdir, args.path)
     return 0
 
 

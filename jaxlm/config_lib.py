@@ -119,12 +119,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.init_from = ""  # a workdir whose latest params initialise a new run
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.shape = ml_collections.ConfigDict(
-        {"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1}
-    )
-    c.mesh.dcn_shape = ml_collections.ConfigDict(
-        {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1}
-    )
+    c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
+    c.mesh.dcn_shape = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1})
 
     c.sharding = ml_collections.ConfigDict()
     c.sharding.rules = ml_collections.ConfigDict(
@@ -232,10 +228,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, s
             if not isinstance(node, ml_collections.ConfigDict) or part not in node:
                 known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
                 where = ".".join(parts[:i]) or "config"
-                raise ConfigError(
-                    f"--config.{key}: unknown key {part!r} in {where}; valid keys: "
-                    + ", ".join(known)
-                )
+                raise ConfigError(f"--config.{key}: unknown key {part!r} in {where}; valid keys: " + ", ".join(known))
             if i < len(parts) - 1:
                 node = node[part]
         current = node[parts[-1]]
@@ -408,9 +401,7 @@ def _to_dataclass(cls: type, value: Any, path: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(value) - set(names))
     if unknown:
-        raise ConfigError(
-            f"unknown key config.{path}.{unknown[0]}; valid keys: {', '.join(names)}"
-        )
+        raise ConfigError(f"unknown key config.{path}.{unknown[0]}; valid keys: {', '.join(names)}")
     missing = [n for n in names if n not in value]
     if missing:
         raise ConfigError(f"config.{path}.{missing[0]} is missing; start from base_config()")
@@ -483,8 +474,7 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Config:
     if m.num_kv_heads:
         _check(
             m.num_heads % m.num_kv_heads == 0,
-            f"config.model.num_kv_heads={m.num_kv_heads} must divide "
-            f"config.model.num_heads={m.num_heads}",
+            f"config.model.num_kv_heads={m.num_kv_heads} must divide config.model.num_heads={m.num_heads}",
         )
     _check(m.vocab_size >= 0, "config.model.vocab_size must be >= 0 (0 = the tokenizer's)")
     _check(
@@ -494,8 +484,7 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Config:
     _check(d.seq_len > 0, f"config.data.seq_len={d.seq_len} must be > 0")
     _check(
         d.seq_len <= m.max_len,
-        f"config.data.seq_len={d.seq_len} exceeds config.model.max_len={m.max_len}; "
-        "raise max_len or lower seq_len",
+        f"config.data.seq_len={d.seq_len} exceeds config.model.max_len={m.max_len}; raise max_len or lower seq_len",
     )
     _check(d.batch_size > 0, f"config.data.batch_size={d.batch_size} must be > 0")
     _check(
@@ -519,8 +508,7 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Config:
     _check(o.grad_accum_steps >= 1, "config.optim.grad_accum_steps must be >= 1")
     _check(
         d.batch_size % o.grad_accum_steps == 0,
-        f"config.optim.grad_accum_steps={o.grad_accum_steps} must divide "
-        f"config.data.batch_size={d.batch_size}",
+        f"config.optim.grad_accum_steps={o.grad_accum_steps} must divide config.data.batch_size={d.batch_size}",
     )
     _check(t.num_steps > 0, f"config.train.num_steps={t.num_steps} must be > 0")
     _check(t.log_every > 0, f"config.train.log_every={t.log_every} must be > 0")

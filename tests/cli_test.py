@@ -149,3 +149,14 @@ def test_workdir_that_is_a_file_and_empty_corpus(tmp_path):
     _assert_one_line_error(jaxlm("train", *_tiny(tmp_path / "w", tmp_path / "d", tmp_path / "empty.txt")), "empty")
     assert not (tmp_path / "w").exists() or not os.listdir(tmp_path / "w")
     assert a_file.read_text() == "x"
+
+
+def test_info_prints_counts_flops_and_axes():
+    result = jaxlm("info", "--config", f"{GPT}:size=tiny")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    total = int(next(line for line in lines if line.startswith("parameters:")).split()[1].replace(",", ""))
+    modules = [line for line in lines if line.startswith("  ") and line.split()[-1].replace(",", "").isdigit()]
+    assert total == sum(int(line.split()[-1].replace(",", "")) for line in modules) > 0
+    assert "FLOPs per token" in result.stdout
+    assert "(vocab, embed)" in result.stdout and "(embed, heads, head_dim)" in result.stdout

@@ -1,7 +1,23 @@
-"""Scaled dot-product attention and the multi-head attention module.
+"""Scaled dot-product attention implementations and the multi-head attention module.
+
+Three implementations share one signature and are chosen by name (``config.model.attention``)
+through ``IMPLEMENTATIONS``:
+
+* ``xla``: the reference, plain einsums; materialises the ``[B, N, T, S]`` logits.
+* ``dot_product``: ``jax.nn.dot_product_attention``; cuDNN flash attention on GPUs for
+  bf16/fp16 inputs (when cuDNN accepts the shapes), XLA elsewhere.
+* ``blockwise``: pure-JAX chunked online softmax (``jaxlm.nn.blockwise``), memory linear in
+  length, forward and backward; for CPU/TPU and long context.
+
+Common semantics: masks are boolean and broadcastable to ``[B, N, T, S]`` (True = attend; see
+``jaxlm.nn.masks``), biases are additive logits and broadcastable likewise, ``causal=True``
+adds the top-left-aligned causal mask (key s <= query t) without materialising it, and a query
+row that may attend to no key outputs zeros (and has all-zero weights) rather than the uniform
+average a plain masked softmax gives. ``dot_product`` cannot apply dropout nor return weights,
+and ``blockwise`` cannot return weights: those requests fall back to ``xla``.
 
 Shapes: B batch, T query length, S key length, N query heads, K key/value heads (N = K * G
-for grouped-query attention), H head dim, D model dim.
+for grouped-query attention, K = 1 for multi-query), H head dim, D model dim.
 """
 
 from __future__ import annotations
@@ -14,7 +30,17 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import logical_axes as ax
+from jaxlm.nn import masks
+from jaxlm.nn.blockwise import NEG, blockwise, group_heads
 from jaxlm.nn.linears import DenseGeneral, default_kernel_init
+from jaxlm.nn.positions import apply_rope
+
+AttentionOutput = jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]
+
+
+def _causal(t: int, s: int) -> jnp.ndarray:
+    """``[1, 1, T, S]`` top-left-aligned causal mask (the convention of ``jax.nn``)."""
+    return (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None])[None, None]
 
 
 def xla_attention(
@@ -28,31 +54,41 @@ def xla_attention(
     dropout_rng: jax.Array | None = None,
     deterministic: bool = True,
     return_weights: bool = False,
-) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
-    """Reference attention as einsums; softmax in float32.
+    causal: bool = False,
+) -> AttentionOutput:
+    """Compute reference attention with einsums; softmax in float32.
 
     Args:
       query: ``[B, T, N, H]``.
-      key, value: ``[B, S, K, H]`` with K dividing N.
+      key: ``[B, S, K, H]`` with K dividing N.
+      value: ``[B, S, K, H]``.
       mask: boolean, broadcastable to ``[B, N, T, S]``; False blocks attention.
       bias: additive logits bias broadcastable to ``[B, N, T, S]`` (relative positions, ALiBi).
-      return_weights: also return the attention probabilities ``[B, N, T, S]``.
+      dropout_rate: probability of dropping an attention probability.
+      dropout_rng: PRNG key for dropout; the keep-mask is ``bernoulli(rng, 1 - rate, [B, K, G, T, S])``.
+      deterministic: disables dropout.
+      return_weights: also return the attention probabilities ``[B, N, T, S]`` (after dropout).
+      causal: also apply the causal mask (key s <= query t).
 
     Returns:
       ``[B, T, N, H]`` (and the weights if asked).
     """
     b, t, n, h = query.shape
-    k_heads = key.shape[2]
+    s, k_heads = key.shape[1], key.shape[2]
     g = n // k_heads
     q = query.reshape(b, t, k_heads, g, h) * jnp.asarray(h**-0.5, query.dtype)
     logits = jnp.einsum("btkgh,bskh->bkgts", q, key, preferred_element_type=jnp.float32)
-    s = key.shape[1]
     if bias is not None:
-        logits = logits + jnp.broadcast_to(bias, (b, n, t, s)).reshape(b, k_heads, g, t, s).astype(jnp.float32)
+        logits = logits + group_heads(bias, k_heads).astype(jnp.float32)
+    if causal:
+        mask = masks.combine(mask, _causal(t, s))
     if mask is not None:
-        mask5 = jnp.broadcast_to(mask, (b, n, t, s)).reshape(b, k_heads, g, t, s)
-        logits = jnp.where(mask5, logits, jnp.finfo(jnp.float32).min)
+        mask5 = group_heads(mask, k_heads)
+        logits = jnp.where(mask5, logits, NEG)
     weights = jax.nn.softmax(logits, axis=-1)
+    if mask is not None:
+        # A row that may attend to nothing softmaxes to uniform weights; make it zeros instead.
+        weights = jnp.where(mask5, weights, 0.0)
     if not deterministic and dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
@@ -63,8 +99,133 @@ def xla_attention(
     return out
 
 
+def _to4d(x: jnp.ndarray | None) -> jnp.ndarray | None:
+    """Left-pad a broadcastable mask/bias to rank 4 (``jax.nn.dot_product_attention`` wants 4-D)."""
+    if x is None:
+        return None
+    x = jnp.asarray(x)
+    return x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+
+def _cudnn_applies(query: jnp.ndarray) -> bool:
+    """Whether to try cuDNN flash attention: a GPU backend and half-precision inputs."""
+    return jax.default_backend() == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16)
+
+
+def dot_product_attention(
+    query: jnp.ndarray,
+    key: jnp.ndarray,
+    value: jnp.ndarray,
+    *,
+    mask: jnp.ndarray | None = None,
+    bias: jnp.ndarray | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    deterministic: bool = True,
+    return_weights: bool = False,
+    causal: bool = False,
+    implementation: str | None = None,
+) -> AttentionOutput:
+    """Attention through ``jax.nn.dot_product_attention`` (same arguments as ``xla_attention``).
+
+    ``implementation=None`` picks ``'cudnn'`` (flash attention) on GPUs for bf16/fp16 inputs
+    and falls back to ``jax.nn``'s XLA path when cuDNN rejects the call at trace time (head dim,
+    dtype, cuDNN missing); pass ``'xla'`` or ``'cudnn'`` to force one. Dropout and
+    ``return_weights`` are not supported by ``jax.nn``: those calls run ``xla_attention``.
+    """
+    if return_weights or (not deterministic and dropout_rate > 0.0):
+        return xla_attention(
+            query,
+            key,
+            value,
+            mask=mask,
+            bias=bias,
+            dropout_rate=dropout_rate,
+            dropout_rng=dropout_rng,
+            deterministic=deterministic,
+            return_weights=return_weights,
+            causal=causal,
+        )
+    mask4, bias4 = _to4d(mask), _to4d(bias)
+    if mask4 is not None:
+        mask4 = mask4.astype(bool)
+
+    def call(impl: str | None) -> jnp.ndarray:
+        # cuDNN wants the bias in the input dtype; XLA adds it to float32 logits, so keep it exact.
+        b = bias4.astype(query.dtype) if impl == "cudnn" and bias4 is not None else bias4
+        return jax.nn.dot_product_attention(
+            query, key, value, bias=b, mask=mask4, is_causal=causal, implementation=impl
+        )
+
+    if implementation is None and _cudnn_applies(query):
+        try:
+            out = call("cudnn")
+        except (NotImplementedError, ValueError, RuntimeError):
+            out = call(None)
+    else:
+        out = call(implementation)
+    if mask4 is not None:  # zero the rows that may attend to nothing (jax.nn averages them)
+        allowed = mask4 & _causal(query.shape[1], key.shape[1]) if causal else mask4
+        row_ok = jnp.any(allowed, axis=-1)  # [B|1, N|1, T]
+        out = jnp.where(jnp.transpose(row_ok, (0, 2, 1))[..., None], out, jnp.zeros((), out.dtype))
+    return out
+
+
+def blockwise_attention(
+    query: jnp.ndarray,
+    key: jnp.ndarray,
+    value: jnp.ndarray,
+    *,
+    mask: jnp.ndarray | None = None,
+    bias: jnp.ndarray | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    deterministic: bool = True,
+    return_weights: bool = False,
+    causal: bool = False,
+    block_q: int = 512,
+    block_kv: int = 512,
+) -> AttentionOutput:
+    """Memory-efficient attention (see ``jaxlm.nn.blockwise``; same arguments as ``xla_attention``).
+
+    Dropout is applied tile by tile (its keep-mask differs from ``xla_attention``'s for the same
+    key, see ``blockwise_dropout_mask``). ``return_weights=True`` needs the full ``[B, N, T, S]``
+    matrix anyway and runs ``xla_attention``.
+    """
+    if return_weights:
+        return xla_attention(
+            query,
+            key,
+            value,
+            mask=mask,
+            bias=bias,
+            dropout_rate=dropout_rate,
+            dropout_rng=dropout_rng,
+            deterministic=deterministic,
+            return_weights=True,
+            causal=causal,
+        )
+    rate = 0.0 if deterministic else dropout_rate
+    return blockwise(
+        query,
+        key,
+        value,
+        mask=mask,
+        bias=bias,
+        dropout_rate=rate,
+        dropout_rng=dropout_rng,
+        causal=causal,
+        block_q=block_q,
+        block_kv=block_kv,
+    )
+
+
 AttentionFn = Callable[..., Any]
-IMPLEMENTATIONS: dict[str, AttentionFn] = {"xla": xla_attention}
+IMPLEMENTATIONS: dict[str, AttentionFn] = {
+    "xla": xla_attention,
+    "dot_product": dot_product_attention,
+    "blockwise": blockwise_attention,
+}
 
 
 def attention(implementation: str) -> AttentionFn:
@@ -75,11 +236,21 @@ def attention(implementation: str) -> AttentionFn:
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head (grouped-query when ``num_kv_heads < num_heads``) attention.
+    """Multi-head attention, grouped-query when ``num_kv_heads < num_heads`` (multi-query at 1).
 
-    With ``decode=True`` keys and values are appended to a cache in the ``cache`` collection
-    (``[B, S_max, K, H]`` plus a write index), so a prompt can be pre-filled in one call and
-    then extended a token at a time; queries attend causally to everything cached so far.
+    Self-attention when ``inputs_kv`` is None, cross-attention otherwise.
+
+    With ``decode=True`` self-attention keys and values are appended to a cache in the
+    ``cache`` collection (``[B, S_max, K, H]`` plus a write index), so a prompt can be
+    pre-filled in one call and then extended a token at a time; queries attend causally to
+    everything cached so far (and'ed with ``mask`` if one is given, ``[B, 1|N, T, S_max]``).
+    The init call with ``decode=True`` sizes the cache by its input length. Cross-attention
+    keeps no cache: its keys and values are recomputed from ``inputs_kv`` on every call.
+
+    RoPE: set ``rope_max_wavelength`` (e.g. 10 000) to rotate queries and keys by their
+    positions (``positions`` / ``kv_positions``; by default ``0..T-1``, offset by the cache
+    index in decode mode; cross-attention keys default to ``0..S-1``). ``rope_scale`` is linear
+    position interpolation (see ``jaxlm.nn.positions.apply_rope``).
     """
 
     num_heads: int
@@ -89,6 +260,8 @@ class MultiHeadAttention(nn.Module):
     implementation: str = "xla"
     use_bias: bool = True
     out_init_std: float = 0.02
+    rope_max_wavelength: float | None = None
+    rope_scale: float = 1.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -103,56 +276,101 @@ class MultiHeadAttention(nn.Module):
         deterministic: bool,
         decode: bool = False,
         return_weights: bool = False,
-    ) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
-        """``[B, T, D]`` (and ``[B, S, D]`` for cross-attention) -> ``[B, T, D]``."""
+        positions: jnp.ndarray | None = None,
+        kv_positions: jnp.ndarray | None = None,
+    ) -> jnp.ndarray:
+        """``[B, T, D]`` (and ``[B, S, D]`` for cross-attention) -> ``[B, T, D]``.
+
+        Args:
+          inputs_q: ``[B, T, D]`` queries (and keys/values for self-attention).
+          inputs_kv: ``[B, S, D]`` keys/values for cross-attention.
+          mask: boolean, broadcastable to ``[B, N, T, S]``.
+          bias: additive logits bias broadcastable to ``[B, N, T, S]`` (T5 / ALiBi).
+          deterministic: disables attention dropout.
+          decode: use and extend the self-attention key/value cache.
+          return_weights: sow the ``[B, N, T, S]`` weights into ``intermediates/attention_weights``.
+          positions: ``[B, T]`` query (and self-attention key) positions for RoPE.
+          kv_positions: ``[B, S]`` key positions for RoPE in cross-attention.
+        """
         d = inputs_q.shape[-1]
-        kv = inputs_q if inputs_kv is None else inputs_kv
+        cross = inputs_kv is not None
+        kv = inputs_kv if cross else inputs_q
         dense = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
-        q = DenseGeneral((self.num_heads, self.head_dim), (ax.EMBED, ax.HEADS, ax.HEAD_DIM), name="query", **dense)(inputs_q)
-        k = DenseGeneral((self.num_kv_heads, self.head_dim), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), name="key", **dense)(kv)
-        v = DenseGeneral((self.num_kv_heads, self.head_dim), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), name="value", **dense)(kv)
+        q_axes = (ax.EMBED, ax.HEADS, ax.HEAD_DIM)
+        kv_axes = (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM)
+        q = DenseGeneral((self.num_heads, self.head_dim), q_axes, name="query", **dense)(inputs_q)
+        k = DenseGeneral((self.num_kv_heads, self.head_dim), kv_axes, name="key", **dense)(kv)
+        v = DenseGeneral((self.num_kv_heads, self.head_dim), kv_axes, name="value", **dense)(kv)
         q = nn.with_logical_constraint(q, (ax.ACT_BATCH, ax.ACT_LENGTH, ax.ACT_HEADS, ax.ACT_HEAD_DIM))
         k = nn.with_logical_constraint(k, (ax.ACT_BATCH, ax.ACT_KV_LENGTH, ax.ACT_KV_HEADS, ax.ACT_HEAD_DIM))
         v = nn.with_logical_constraint(v, (ax.ACT_BATCH, ax.ACT_KV_LENGTH, ax.ACT_KV_HEADS, ax.ACT_HEAD_DIM))
+        use_cache = decode and not cross
+        cache_index = None
+        if use_cache:
+            cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
 
-        if decode:
-            k, v, mask = self._update_cache(k, v, mask)
+        if self.rope_max_wavelength is not None:
+            if positions is None:
+                offset = cache_index.value if use_cache else 0
+                positions = (jnp.arange(q.shape[1], dtype=jnp.int32) + offset)[None]
+            if kv_positions is None:
+                kv_positions = jnp.arange(k.shape[1], dtype=jnp.int32)[None] if cross else positions
+            rope = dict(max_wavelength=self.rope_max_wavelength, scale=self.rope_scale)
+            q = apply_rope(q, positions, **rope)
+            k = apply_rope(k, kv_positions, **rope)
+
+        if use_cache:
+            k, v, mask = self._update_cache(k, v, mask, cache_index)
 
         dropout_rng = None
         if not deterministic and self.dropout_rate > 0.0:
             dropout_rng = self.make_rng("dropout")
         result = attention(self.implementation)(
-            q, k, v, mask=mask, bias=bias, dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
-            deterministic=deterministic, return_weights=return_weights,
+            q,
+            k,
+            v,
+            mask=mask,
+            bias=bias,
+            dropout_rate=self.dropout_rate,
+            dropout_rng=dropout_rng,
+            deterministic=deterministic,
+            return_weights=return_weights,
         )
-        out, weights = (result if return_weights else (result, None))
+        out, weights = result if return_weights else (result, None)
         out = nn.with_logical_constraint(out, (ax.ACT_BATCH, ax.ACT_LENGTH, ax.ACT_HEADS, ax.ACT_HEAD_DIM))
         y = DenseGeneral(
-            (d,), (ax.HEADS, ax.HEAD_DIM, ax.EMBED), in_axes=2, name="out",
-            kernel_init=default_kernel_init(self.out_init_std), **dense,
+            (d,),
+            (ax.HEADS, ax.HEAD_DIM, ax.EMBED),
+            in_axes=2,
+            name="out",
+            kernel_init=default_kernel_init(self.out_init_std),
+            **dense,
         )(out)
         if return_weights:
             self.sow("intermediates", "attention_weights", weights)
         return y
 
     def _update_cache(
-        self, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray | None
-    ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-        """Write ``k, v`` at the cache index; return the whole cache and a causal mask over it."""
+        self, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray | None, index: Any
+    ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray | None]:
+        """Write ``k, v`` at ``index`` (the cache's write-index variable); return the cache and its mask."""
         initialized = self.has_variable("cache", "cached_key")
         cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-        index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
         if not initialized:
             # The init call only sizes the cache: its input length is the cache length.
             return k, v, mask
         b, t = k.shape[0], k.shape[1]
         s = cached_key.value.shape[1]
         i = index.value
-        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype), (0, i, 0, 0))
-        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v.astype(cached_value.value.dtype), (0, i, 0, 0))
+        cached_key.value = jax.lax.dynamic_update_slice(
+            cached_key.value, k.astype(cached_key.value.dtype), (0, i, 0, 0)
+        )
+        cached_value.value = jax.lax.dynamic_update_slice(
+            cached_value.value, v.astype(cached_value.value.dtype), (0, i, 0, 0)
+        )
         index.value = i + t
         q_pos = i + jnp.arange(t, dtype=jnp.int32)
         k_pos = jnp.arange(s, dtype=jnp.int32)
         cache_mask = jnp.broadcast_to(k_pos[None, None, None, :] <= q_pos[None, None, :, None], (b, 1, t, s))
-        return cached_key.value, cached_value.value, cache_mask
+        return cached_key.value, cached_value.value, masks.combine(cache_mask, mask)

@@ -39,13 +39,15 @@ class Embed(nn.Module):
     def attend(self, x: jnp.ndarray) -> jnp.ndarray:
         """``[B, T, D] -> [B, T, V]`` logits in float32."""
         return jnp.einsum(
-            "btd,vd->btv", x.astype(self.dtype), self.embedding.astype(self.dtype),
+            "btd,vd->btv",
+            x.astype(self.dtype),
+            self.embedding.astype(self.dtype),
             preferred_element_type=jnp.float32,
         )
 
 
 def sinusoidal_table(length: int, features: int, max_timescale: float = 10_000.0) -> np.ndarray:
-    """The fixed encoding of Vaswani et al. (2017): sin on even, cos on odd channels."""
+    """Return the fixed ``[length, D]`` encoding of Vaswani et al. (2017): sin on even, cos on odd channels."""
     positions = np.arange(length, dtype=np.float64)[:, None]
     div = np.exp(np.arange(0, features, 2, dtype=np.float64) * (-np.log(max_timescale) / features))
     table = np.zeros((length, features), dtype=np.float64)

@@ -93,15 +93,24 @@ class Mlp(nn.Module):
     def __call__(self, x: jnp.ndarray, *, deterministic: bool) -> jnp.ndarray:
         d = x.shape[-1]
         h = DenseGeneral(
-            (self.mlp_dim,), (ax.EMBED, ax.MLP), use_bias=self.use_bias, dtype=self.dtype,
-            param_dtype=self.param_dtype, name="wi",
+            (self.mlp_dim,),
+            (ax.EMBED, ax.MLP),
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="wi",
         )(x)
         h = ACTIVATIONS[self.activation](h)
         h = nn.with_logical_constraint(h, (ax.ACT_BATCH, ax.ACT_LENGTH, ax.ACT_MLP))
         h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
         return DenseGeneral(
-            (d,), (ax.MLP, ax.EMBED), use_bias=self.use_bias, dtype=self.dtype,
-            param_dtype=self.param_dtype, kernel_init=default_kernel_init(self.out_init_std), name="wo",
+            (d,),
+            (ax.MLP, ax.EMBED),
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=default_kernel_init(self.out_init_std),
+            name="wo",
         )(h)
 
 

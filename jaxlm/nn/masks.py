@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 def causal_mask(q_positions: jnp.ndarray, k_positions: jnp.ndarray) -> jnp.ndarray:
     """Query at position p may attend keys at positions <= p."""
-    return (k_positions[:, None, None, :] <= q_positions[:, None, :, None])
+    return k_positions[:, None, None, :] <= q_positions[:, None, :, None]
 
 
 def segment_mask(q_segments: jnp.ndarray, k_segments: jnp.ndarray) -> jnp.ndarray:

@@ -1,0 +1,73 @@
+"""``jaxlm info``: parameter counts per module, FLOPs per token and every parameter's axes."""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any, TextIO
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm import models
+from jaxlm.config_lib import Config
+from jaxlm.data import tokenizers
+from jaxlm.models import config as model_config
+
+
+def _path(path: tuple) -> str:
+    return "/".join(str(getattr(p, "key", p)) for p in path)
+
+
+def describe(config: Config) -> dict[str, Any]:
+    """Parameters (shape, dtype, logical axes), per-module counts and FLOPs per token."""
+    vocab = config.model.vocab_size or tokenizers.build(config.data.tokenizer).vocab_size
+    cfg = models.resolve(config.model, vocab)
+    model = models.build(cfg)
+    tokens = jnp.zeros((1, min(config.data.seq_len, cfg.max_len)), jnp.int32)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens)["params"])
+    specs = nn.get_partition_spec(boxed)
+    params = []
+    for (path, leaf), spec in zip(
+        jax.tree_util.tree_flatten_with_path(nn.unbox(boxed))[0],
+        jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
+    ):
+        params.append({"name": _path(path), "shape": tuple(leaf.shape), "dtype": str(leaf.dtype), "axes": tuple(spec)})
+    per_module: dict[str, int] = {}
+    for p in params:
+        top = p["name"].split("/")
+        key = "/".join(top[:2]) if top[0] == "blocks" else top[0]
+        per_module[key] = per_module.get(key, 0) + math.prod(p["shape"])
+    return {
+        "model": cfg,
+        "params": params,
+        "per_module": per_module,
+        "total": sum(per_module.values()),
+        "flops_per_token": model_config.flops_per_token(cfg, config.data.seq_len),
+    }
+
+
+def run(config: Config, *, stream: TextIO | None = None) -> dict[str, Any]:
+    """Print :func:`describe` as a readable report."""
+    out = stream or sys.stdout
+    info = describe(config)
+    cfg = info["model"]
+    print(
+        f"model: {cfg.kind}  layers={cfg.num_layers} heads={cfg.num_heads} embed={cfg.embed_dim} "
+        f"mlp={cfg.mlp_dim} vocab={cfg.vocab_size} max_len={cfg.max_len}",
+        file=out,
+    )
+    print(f"parameters: {info['total']:,}", file=out)
+    for name, count in info["per_module"].items():
+        print(f"  {name:<40} {count:>14,}", file=out)
+    print(
+        f"training FLOPs per token at seq_len={config.data.seq_len}: {info['flops_per_token']:.4e} "
+        "(6 N + 12 L T D; jaxlm/models/config.py)",
+        file=out,
+    )
+    print("parameter shapes and logical axes:", file=out)
+    for p in info["params"]:
+        axes = ", ".join(str(a) for a in p["axes"])
+        print(f"  {p['name']:<48} {str(p['shape']):<20} {p['dtype']:<9} ({axes})", file=out)
+    return info
