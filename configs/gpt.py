@@ -14,7 +14,7 @@ from jaxlm import config_lib
 SIZES = {
     # name: (num_layers, num_heads, embed_dim, mlp_dim, seq_len, batch_size, num_steps, lr, warmup)
     "tiny": (2, 4, 64, 256, 64, 8, 100, 3e-3, 10),
-    "small": (4, 4, 256, 1024, 128, 16, 600, 2e-3, 60),
+    "small": (4, 4, 128, 512, 128, 16, 3000, 2e-3, 100),
     "base": (12, 12, 768, 3072, 1024, 64, 100_000, 6e-4, 2000),
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -25,11 +26,23 @@ def make_manager(workdir: str, cfg: CheckpointConfig, *, read_only: bool = False
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
 
 
+# Fault injection for the crash tests: SIGKILL this process right after the save of this
+# step has started, i.e. while the asynchronous write is still in flight.
+KILL_DURING_SAVE_ENV = "JAXLM_FAULT_KILL_DURING_SAVE"
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict | None) -> None:
-    """Start saving ``state`` (and the data iterator's state) at ``step``; returns at once if async."""
+    """Start saving ``state`` (and the data iterator's state) at ``step``; returns at once if async.
+
+    Orbax writes into a temporary directory and renames it when complete, so a crash at any
+    moment leaves either the whole checkpoint or none; older checkpoints are deleted only
+    after a newer one is complete.
+    """
     items = {"state": ocp.args.StandardSave(state)}
     items["data"] = ocp.args.JsonSave(data_state or {})
     manager.save(step, args=ocp.args.Composite(**items))
+    if os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
@@ -55,3 +68,35 @@ def latest_step(workdir: str) -> int | None:
     return ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False)
     ).latest_step()
+
+
+def restore_latest_good(
+    manager: ocp.CheckpointManager, abstract_state: Any, *, log: Any = print
+) -> tuple[int, Any, dict] | None:
+    """Restore the newest checkpoint that reads back whole; damaged newer ones are reported and skipped.
+
+    A checkpoint is damaged when its files are truncated, its metadata is missing, or its
+    arrays do not have the expected shapes. Returns ``(step, state, data_state)``, or None
+    when there is no checkpoint at all. If every checkpoint is damaged, the newest one's error
+    is raised.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    first_error: Exception | None = None
+    for step in steps:
+        try:
+            state, data_state = restore(manager, step, abstract_state)
+            return step, state, data_state
+        except Exception as e:  # noqa: BLE001  (any read failure means: try the previous one)
+            first_error = first_error or e
+            log(
+                f"checkpoint step {step} is damaged or incompatible ({str(e).splitlines()[0][:160]}); "
+                "trying an older one"
+            )
+    if first_error is not None:
+        if isinstance(first_error, CheckpointError):
+            raise first_error
+        raise CheckpointError(
+            f"no checkpoint in {manager.directory} could be read ({str(first_error).splitlines()[0][:160]}); "
+            "use a new --workdir"
+        ) from first_error
+    return None

@@ -28,20 +28,31 @@ from jaxlm.common_types import ConfigError
 # Names accepted by the dispatch dicts of the layers above (they assert they agree with these,
 # see tests/config_lib_test.py); kept here so a bad name fails before anything is built.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.kind": ("decoder_only",),
-    "model.position": ("learned", "sinusoidal", "none"),
-    "model.attention": ("xla",),
+    "model.kind": ("decoder_only", "encoder_only", "encoder_decoder", "rnn"),
+    "model.position": ("learned", "sinusoidal", "relative", "rope", "alibi", "none"),
+    "model.attention": ("xla", "dot_product", "blockwise"),
     "model.norm": ("layernorm", "rmsnorm"),
-    "model.activation": ("gelu", "relu", "silu"),
+    "model.activation": ("gelu", "gelu_exact", "relu", "silu", "swiglu", "geglu"),
+    "model.rnn_cell": ("lstm", "gru"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
     "data.source": ("builtin", "files", "tfds", "synthetic"),
-    "data.tokenizer": ("byte",),
-    "data.objective": ("causal_lm",),
+    "data.tokenizer": ("byte", "char", "sentencepiece_unigram", "sentencepiece_bpe", "hf"),
+    "data.objective": ("causal_lm", "masked_lm", "nsp", "span_corruption"),
     "data.document": ("file", "line", "paragraph"),
     "data.synthetic.kind": ("markov",),
     "optim.schedule": ("cosine", "linear", "constant"),
+    "train.nonfinite_policy": ("skip", "stop"),
+}
+
+
+# Which model kinds train on which pre-training objective.
+OBJECTIVE_KINDS: dict[str, tuple[str, ...]] = {
+    "causal_lm": ("decoder_only", "rnn"),
+    "masked_lm": ("encoder_only",),
+    "nsp": ("encoder_only",),
+    "span_corruption": ("encoder_decoder",),
 }
 
 
@@ -69,6 +80,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.scan_layers = False
     c.model.remat = "none"
+    c.model.pre_norm = True  # pre-LayerNorm (GPT-2, T5); False: post-LayerNorm (original Transformer, BERT)
+    c.model.norm_eps = 1e-5
+    c.model.use_bias = True  # biases in dense layers (False for T5 / LLaMA style)
+    c.model.num_decoder_layers = 0  # encoder_decoder: decoder depth (0 = num_layers)
+    c.model.type_vocab_size = 2  # encoder_only: token-type (segment A/B) embeddings; 0 disables
+    c.model.relative_buckets = 32  # position='relative': T5 buckets
+    c.model.relative_max_distance = 128
+    c.model.rope_max_wavelength = 10_000.0
+    c.model.rope_scale = 1.0  # position interpolation factor for longer context (> 1 stretches)
+    c.model.rnn_cell = "lstm"  # kind='rnn': lstm or gru; uses embed_dim and mlp_dim as hidden size
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "builtin"
@@ -77,6 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.name = ""  # catalog dataset name, for source='tfds'
     c.data.data_dir = ""  # where prepared datasets live; '' = ~/.cache/jaxlm/datasets
     c.data.tokenizer = "byte"
+    c.data.tokenizer_path = ""  # an existing tokenizer (directory, .model or tokenizer.json) instead of training one
+    c.data.tokenizer_vocab_size = 8000  # vocabulary size when a tokenizer is trained (char: 0 = every character)
     c.data.seq_len = 256
     c.data.batch_size = 16  # global batch, across all devices and hosts
     c.data.objective = "causal_lm"
@@ -111,12 +134,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_steps = 10
     c.train.peak_flops = 2.5e11  # per device, for MFU; ~ f32 matmul peak of a 2-core AMX CPU
     c.train.progress = True  # progress bar on stderr
+    # A step whose loss or gradients are not finite never updates the state. 'skip' carries on
+    # and stops after max_nonfinite_steps such steps in a row; 'stop' stops at the first one.
+    c.train.nonfinite_policy = "skip"
+    c.train.max_nonfinite_steps = 10
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 200
     c.checkpoint.max_to_keep = 3
     c.checkpoint.async_save = True
     c.checkpoint.init_from = ""  # a workdir whose latest params initialise a new run
+    c.checkpoint.preemption_grace_s = 120.0  # after SIGTERM: save and exit 0 within this, else exit 143
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
@@ -265,6 +293,16 @@ class ModelConfig:
     param_dtype: str
     scan_layers: bool
     remat: str
+    pre_norm: bool
+    norm_eps: float
+    use_bias: bool
+    num_decoder_layers: int
+    type_vocab_size: int
+    relative_buckets: int
+    relative_max_distance: int
+    rope_max_wavelength: float
+    rope_scale: float
+    rnn_cell: str
 
     @property
     def head_dim(self) -> int:
@@ -294,6 +332,8 @@ class DataConfig:
     name: str
     data_dir: str
     tokenizer: str
+    tokenizer_path: str
+    tokenizer_vocab_size: int
     seq_len: int
     batch_size: int
     objective: str
@@ -330,6 +370,8 @@ class TrainConfig:
     eval_steps: int
     peak_flops: float
     progress: bool
+    nonfinite_policy: str
+    max_nonfinite_steps: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,6 +382,7 @@ class CheckpointConfig:
     max_to_keep: int
     async_save: bool
     init_from: str
+    preemption_grace_s: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -476,11 +519,40 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Config:
             m.num_heads % m.num_kv_heads == 0,
             f"config.model.num_kv_heads={m.num_kv_heads} must divide config.model.num_heads={m.num_heads}",
         )
+    if m.position == "rope":
+        _check(
+            m.head_dim % 2 == 0,
+            f"config.model.position='rope' needs an even head dim, but embed_dim/num_heads = {m.head_dim}",
+        )
+        _check(m.rope_scale > 0, "config.model.rope_scale must be > 0")
+    if m.position == "alibi":
+        _check(
+            m.kind == "decoder_only",
+            f"config.model.position='alibi' is supported for decoder_only models, not kind={m.kind!r}; "
+            "use relative or learned",
+        )
+    _check(m.norm_eps > 0, "config.model.norm_eps must be > 0")
+    _check(m.num_decoder_layers >= 0, "config.model.num_decoder_layers must be >= 0 (0 = num_layers)")
+    _check(m.type_vocab_size >= 0, "config.model.type_vocab_size must be >= 0")
+    _check(
+        m.relative_buckets >= 2 and m.relative_max_distance > m.relative_buckets // 2,
+        "config.model.relative_buckets must be >= 2 and relative_max_distance > relative_buckets/2",
+    )
     _check(m.vocab_size >= 0, "config.model.vocab_size must be >= 0 (0 = the tokenizer's)")
     _check(
         0.0 <= m.dropout_rate < 1.0,
         f"config.model.dropout_rate={m.dropout_rate} must be in [0, 1)",
     )
+    _check(
+        m.kind in OBJECTIVE_KINDS[d.objective],
+        f"config.data.objective={d.objective!r} does not train config.model.kind={m.kind!r}; "
+        f"it trains: {', '.join(OBJECTIVE_KINDS[d.objective])}",
+    )
+    _check(d.tokenizer_vocab_size >= 0, "config.data.tokenizer_vocab_size must be >= 0")
+    if d.tokenizer == "hf":
+        _check(
+            bool(d.tokenizer_path), "config.data.tokenizer='hf' needs config.data.tokenizer_path=path/to/tokenizer.json"
+        )
     _check(d.seq_len > 0, f"config.data.seq_len={d.seq_len} must be > 0")
     _check(
         d.seq_len <= m.max_len,
@@ -515,6 +587,8 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Config:
     _check(t.eval_every >= 0, "config.train.eval_every must be >= 0 (0 = only at the end)")
     _check(t.eval_steps > 0, f"config.train.eval_steps={t.eval_steps} must be > 0")
     _check(t.peak_flops > 0, "config.train.peak_flops must be > 0 (FLOP/s per device)")
+    _check(t.max_nonfinite_steps >= 1, "config.train.max_nonfinite_steps must be >= 1")
+    _check(ck.preemption_grace_s > 0, "config.checkpoint.preemption_grace_s must be > 0 seconds")
     _check(ck.every_steps > 0, f"config.checkpoint.every_steps={ck.every_steps} must be > 0")
     _check(ck.max_to_keep > 0, f"config.checkpoint.max_to_keep={ck.max_to_keep} must be > 0")
     for field in ("shape", "dcn_shape"):

@@ -9,12 +9,11 @@ from typing import TextIO
 import flax.linen as nn
 import jax
 
-from jaxlm import sharding
 from jaxlm.config_lib import Config
 from jaxlm.data import sources
 from jaxlm.main import restore, train
 from jaxlm.metric_writer import MetricWriter
-from jaxlm.steps import lm
+from jaxlm.steps import lm, objectives
 
 
 def run(config: Config, workdir: str, *, stream: TextIO | None = None) -> dict[str, float]:
@@ -22,10 +21,10 @@ def run(config: Config, workdir: str, *, stream: TextIO | None = None) -> dict[s
     stream = stream or sys.stdout
     exp, params, tokenizer, step = restore.open_trained(config, workdir)
     validation = sources.open_sources(config.data)["validation"]
-    batch_shardings = {k: sharding.batch_sharding(exp.mesh, exp.rules, 2) for k in ("inputs", "targets", "weights")}
     with jax.set_mesh(exp.mesh), nn.logical_axis_rules(exp.rules):
         eval_fn = jax.jit(
-            functools.partial(lm.eval_step, model=exp.model), in_shardings=(exp.state_shardings.params, batch_shardings)
+            functools.partial(lm.eval_step, model=exp.model, objective=objectives.LOSSES[exp.model_cfg.kind]),
+            in_shardings=(exp.state_shardings.params, None),
         )
         metrics = train.evaluate(exp, params, validation, tokenizer, eval_fn)
     writer = MetricWriter(workdir, write=jax.process_index() == 0, stream=stream)

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from jaxlm import models, optim, sharding
 from jaxlm.common_types import ConfigError
 from jaxlm.config_lib import Config, ModelConfig
+from jaxlm.data import pipeline
 from jaxlm.train_state import TrainState
 
 
@@ -37,6 +38,18 @@ class Experiment:
     state_shardings: TrainState
 
 
+def model_vocab_size(config: Config, tokenizer_vocab: int) -> int:
+    """Ids the model needs: the tokenizer's, plus T5 sentinels for span corruption."""
+    extra = pipeline.SPAN_CORRUPTION_SENTINELS if config.data.objective == "span_corruption" else 0
+    return tokenizer_vocab + extra
+
+
+def example_args(cfg: ModelConfig, seq_len: int) -> tuple[jax.Array, ...]:
+    """Positional inputs that initialize a model of this kind (shapes only matter)."""
+    tokens = jnp.zeros((1, min(seq_len, cfg.max_len)), jnp.int32)
+    return (tokens, tokens) if cfg.kind == "encoder_decoder" else (tokens,)
+
+
 def build(config: Config, vocab_size: int, *, num_steps: int | None = None) -> Experiment:
     """Mesh, model, optimizer and the abstract sharded state for ``config``."""
     model_cfg = models.resolve(config.model, vocab_size)
@@ -51,8 +64,7 @@ def build(config: Config, vocab_size: int, *, num_steps: int | None = None) -> E
     tx = optim.make_optimizer(config.optim, num_steps or config.train.num_steps)
 
     def init_boxed(rng: jax.Array) -> Any:
-        tokens = jnp.zeros((1, min(config.data.seq_len, model_cfg.max_len)), jnp.int32)
-        return model.init({"params": rng}, tokens)["params"]
+        return model.init({"params": rng}, *example_args(model_cfg, config.data.seq_len))["params"]
 
     boxed = jax.eval_shape(init_boxed, jax.random.key(0))
     param_specs = sharding.logical_specs(boxed)
@@ -116,8 +128,8 @@ def init_state(exp: Experiment, seed: int) -> TrainState:
     """Initialize the state directly into its shardings (never whole on one device)."""
 
     def init(rng: jax.Array) -> TrainState:
-        tokens = jnp.zeros((1, min(exp.config.data.seq_len, exp.model_cfg.max_len)), jnp.int32)
-        params = nn.unbox(exp.model.init({"params": rng}, tokens)["params"])
+        args = example_args(exp.model_cfg, exp.config.data.seq_len)
+        params = nn.unbox(exp.model.init({"params": rng}, *args)["params"])
         return TrainState.create(params, exp.tx)
 
     with jax.set_mesh(exp.mesh), nn.logical_axis_rules(exp.rules):

@@ -8,11 +8,11 @@ from typing import Any, TextIO
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jaxlm import models
 from jaxlm.config_lib import Config
 from jaxlm.data import tokenizers
+from jaxlm.main import experiment
 from jaxlm.models import config as model_config
 
 
@@ -22,11 +22,16 @@ def _path(path: tuple) -> str:
 
 def describe(config: Config) -> dict[str, Any]:
     """Parameters (shape, dtype, logical axes), per-module counts and FLOPs per token."""
-    vocab = config.model.vocab_size or tokenizers.build(config.data.tokenizer).vocab_size
+    if config.model.vocab_size:
+        vocab = config.model.vocab_size
+    else:  # a trained tokenizer reaches at most config.data.tokenizer_vocab_size ids
+        byte = config.data.tokenizer == "byte"
+        vocab = tokenizers.build("byte").vocab_size if byte else config.data.tokenizer_vocab_size
+        vocab = experiment.model_vocab_size(config, vocab)
     cfg = models.resolve(config.model, vocab)
     model = models.build(cfg)
-    tokens = jnp.zeros((1, min(config.data.seq_len, cfg.max_len)), jnp.int32)
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens)["params"])
+    args = experiment.example_args(cfg, config.data.seq_len)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *args)["params"])
     specs = nn.get_partition_spec(boxed)
     params = []
     for (path, leaf), spec in zip(

@@ -14,20 +14,36 @@ import jax
 import numpy as np
 
 from jaxlm import checkpoint, optim, sharding
-from jaxlm.common_types import ConfigError
+from jaxlm.common_types import ConfigError, UserError
 from jaxlm.config_lib import Config
-from jaxlm.data import pipeline, sources, tokenizers
-from jaxlm.main import experiment
+from jaxlm.data import pipeline, sources
+from jaxlm.main import experiment, preempt
 from jaxlm.main import workdir as workdir_lib
 from jaxlm.metric_writer import MetricWriter
 from jaxlm.models import config as model_config
-from jaxlm.steps import lm
+from jaxlm.steps import lm, objectives
+
+
+class NonFiniteError(UserError):
+    """Training produced non-finite losses or gradients more often than the policy allows."""
+
+
+def global_batch_spec(ds: Any, global_batch: int, exp: experiment.Experiment) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes, dtypes and shardings of a global batch, read off one host batch."""
+    example = next(iter(ds))
+    out = {}
+    for key, value in example.items():
+        shape = (global_batch,) + value.shape[1:]
+        out[key] = jax.ShapeDtypeStruct(
+            shape, value.dtype, sharding=sharding.batch_sharding(exp.mesh, exp.rules, value.ndim)
+        )
+    return out
 
 
 def evaluate(exp: experiment.Experiment, params: Any, source: Any, tokenizer: Any, eval_fn: Any) -> dict[str, float]:
     """Mean token loss and perplexity over the first ``eval_steps`` validation batches."""
     cfg = exp.config
-    ds = pipeline.lm_dataset(
+    ds = pipeline.objective_builder(cfg.data.objective)(
         source,
         tokenizer,
         seq_len=cfg.data.seq_len,
@@ -62,12 +78,12 @@ def run(config: Config, workdir: str, *, stop_at: int | None = None, stream: Tex
 
     # ---- Data.
     split_sources = sources.open_sources(config.data)
-    tokenizer = tokenizers.build(config.data.tokenizer)
+    tokenizer = workdir_lib.open_tokenizer(config, workdir, split_sources["train"])
     processes = jax.process_count()
     if config.data.batch_size % processes:
         raise ConfigError(f"config.data.batch_size={config.data.batch_size} must be divisible by {processes} processes")
     host_batch = config.data.batch_size // processes
-    train_ds = pipeline.lm_dataset(
+    train_ds = pipeline.objective_builder(config.data.objective)(
         split_sources["train"],
         tokenizer,
         seq_len=config.data.seq_len,
@@ -79,7 +95,7 @@ def run(config: Config, workdir: str, *, stop_at: int | None = None, stream: Tex
     )
 
     # ---- Mesh, model, optimizer, abstract sharded state.
-    exp = experiment.build(config, tokenizer.vocab_size)
+    exp = experiment.build(config, experiment.model_vocab_size(config, tokenizer.vocab_size))
     divisor = sharding.batch_divisor(exp.mesh, exp.rules)
     if config.data.batch_size % (divisor * config.optim.grad_accum_steps):
         raise ConfigError(
@@ -89,10 +105,12 @@ def run(config: Config, workdir: str, *, stop_at: int | None = None, stream: Tex
 
     # ---- State: restore the latest checkpoint, else initialize directly sharded.
     manager = checkpoint.make_manager(workdir, config.checkpoint)
-    start = manager.latest_step()
     data_iter = iter(train_ds)
-    if start is not None:
-        state, data_state = checkpoint.restore(manager, start, exp.abstract_state)
+    restored = checkpoint.restore_latest_good(
+        manager, exp.abstract_state, log=lambda m: print(m, file=sys.stderr, flush=True)
+    )
+    if restored is not None:
+        start, state, data_state = restored
         if data_state:
             data_iter.set_state(data_state)
         print(f"resumed from {workdir} at step {start}", file=stream, flush=True)
@@ -104,21 +122,18 @@ def run(config: Config, workdir: str, *, stop_at: int | None = None, stream: Tex
         tokenizer.save(workdir)
 
     # ---- Compile the step with explicit shardings; the state buffers are donated.
-    batch_shardings = {k: sharding.batch_sharding(exp.mesh, exp.rules, 2) for k in ("inputs", "targets", "weights")}
+    abstract_batch = global_batch_spec(train_ds, config.data.batch_size, exp)
+    batch_shardings = {k: v.sharding for k, v in abstract_batch.items()}
     repl = sharding.replicated(exp.mesh)
+    objective = objectives.LOSSES[exp.model_cfg.kind]
     step_fn = functools.partial(
-        lm.train_step, model=exp.model, tx=exp.tx, grad_accum_steps=config.optim.grad_accum_steps
+        lm.train_step, model=exp.model, tx=exp.tx, grad_accum_steps=config.optim.grad_accum_steps, objective=objective
     )
     rng = jax.random.key(config.seed + 1)
     eval_fn = jax.jit(
-        functools.partial(lm.eval_step, model=exp.model), in_shardings=(exp.state_shardings.params, batch_shardings)
+        functools.partial(lm.eval_step, model=exp.model, objective=objective),
+        in_shardings=(exp.state_shardings.params, batch_shardings),
     )
-    abstract_batch = {
-        k: jax.ShapeDtypeStruct(
-            (config.data.batch_size, config.data.seq_len), np.float32 if k == "weights" else np.int32, sharding=s
-        )
-        for k, s in batch_shardings.items()
-    }
     t0 = time.perf_counter()
     with jax.set_mesh(exp.mesh), nn.logical_axis_rules(exp.rules):
         train_step = (
@@ -149,6 +164,8 @@ def run(config: Config, workdir: str, *, stop_at: int | None = None, stream: Tex
             flush=True,
         )
     progress = _progress(start, end, lead and config.train.progress)
+    preemption = preempt.Preemption(config.checkpoint.preemption_grace_s)
+    nonfinite_run = 0
     pending: list[dict[str, Any]] = []
     last: dict[str, Any] = {}
     interval_start, interval_steps = time.perf_counter(), 0
@@ -161,11 +178,12 @@ def run(config: Config, workdir: str, *, stop_at: int | None = None, stream: Tex
             step += 1
             interval_steps += 1
             progress.update(1)
-            if step % config.train.log_every == 0 or step == end:
+            stopping = preemption.requested(step, config.train.log_every)
+            if step % config.train.log_every == 0 or step == end or stopping:
                 fetched = jax.device_get(pending)  # the only host sync, once per log interval
                 elapsed = time.perf_counter() - interval_start
-                tokens = sum(float(m["tokens"]) for m in fetched)
-                tokens_per_s = tokens / elapsed
+                # Throughput counts input positions (what the FLOPs formula is per), not targets.
+                tokens_per_s = interval_steps * config.data.batch_size * config.data.seq_len / elapsed
                 last = writer.write(
                     step,
                     {
@@ -176,12 +194,16 @@ def run(config: Config, workdir: str, *, stop_at: int | None = None, stream: Tex
                         "step_time_s": elapsed / interval_steps,
                         "tokens_per_s": tokens_per_s,
                         "mfu": tokens_per_s * flops_per_token / peak,
+                        "nonfinite_steps": int(sum(m["nonfinite"] for m in fetched)),
                     },
                 )
                 progress.set_postfix(loss=f"{last['loss']:.3f}")
                 pending, interval_start, interval_steps = [], time.perf_counter(), 0
-            if not all(math.isfinite(float(v)) for v in last.values()):
-                raise FloatingPointError(f"non-finite training metrics at step {step}: {last}")
+                nonfinite_run = _check_numerics(fetched, step, nonfinite_run, config)
+            if stopping:
+                checkpoint.save(manager, step, state, data_iter.get_state())
+                print(f"preempted: saved step {step}; rerun the same command to resume", file=stream, flush=True)
+                break
             if config.train.eval_every and step % config.train.eval_every == 0 and step != end:
                 last.update(
                     writer.write(step, evaluate(exp, state.params, split_sources["validation"], tokenizer, eval_fn))
@@ -189,10 +211,16 @@ def run(config: Config, workdir: str, *, stop_at: int | None = None, stream: Tex
                 interval_start = time.perf_counter()
             if step % config.checkpoint.every_steps == 0 or step == end:
                 checkpoint.save(manager, step, state, data_iter.get_state())
-        final = evaluate(exp, state.params, split_sources["validation"], tokenizer, eval_fn)
+        final = (
+            None
+            if preemption.triggered
+            else evaluate(exp, state.params, split_sources["validation"], tokenizer, eval_fn)
+        )
     progress.close()
-    last.update(writer.write(step, final))
+    if final is not None:
+        last.update(writer.write(step, final))
     manager.wait_until_finished()
+    preemption.done()
     manager.close()
     writer.close()
     del data_iter
@@ -208,6 +236,29 @@ class _NoProgress:
 
     def close(self) -> None:
         pass
+
+
+def _check_numerics(fetched: list[dict[str, Any]], step: int, run: int, config: Config) -> int:
+    """Apply ``config.train.nonfinite_policy`` to the steps of one log interval.
+
+    Returns the length of the current run of non-finite steps; raises when the policy says stop.
+    The state itself never takes a non-finite update (see ``steps.lm.train_step``), so every
+    checkpoint already written, and the one the run resumes from, is finite.
+    """
+    first = step - len(fetched) + 1
+    for i, m in enumerate(fetched):
+        if float(m["nonfinite"]) == 0.0:
+            run = 0
+            continue
+        run += 1
+        limit = 1 if config.train.nonfinite_policy == "stop" else config.train.max_nonfinite_steps
+        if run >= limit:
+            raise NonFiniteError(
+                f"training stopped at step {first + i}: non-finite loss or gradients in {run} step(s) in a row "
+                f"(config.train.nonfinite_policy={config.train.nonfinite_policy!r}); lower config.optim.lr, "
+                "check the data, or resume from the last checkpoint"
+            )
+    return run
 
 
 def _progress(start: int, end: int, enabled: bool) -> Any:

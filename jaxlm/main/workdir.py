@@ -14,11 +14,12 @@ import ml_collections
 from jaxlm import checkpoint, config_lib
 from jaxlm.common_types import CheckpointError
 from jaxlm.config_lib import Config
+from jaxlm.data import sources, tokenizers
 
 CONFIG_FILE = "config.json"
 
 # Fields that must not change between the run that wrote a checkpoint and the one reading it.
-COMPATIBILITY_FIELDS = ("model", "data.tokenizer")
+COMPATIBILITY_FIELDS = ("model", "data.tokenizer", "data.tokenizer_vocab_size")
 
 
 def check_path(workdir: str, *, must_exist: bool = False) -> str:
@@ -81,3 +82,32 @@ def write_config(workdir: str, config: Config) -> None:
 def has_checkpoint(workdir: str) -> bool:
     """Whether ``workdir`` holds at least one complete checkpoint."""
     return checkpoint.latest_step(workdir) is not None
+
+
+def open_tokenizer(config: Config, workdir: str, train_source: sources.TextSource) -> tokenizers.Tokenizer:
+    """The workdir's tokenizer, else the given one (``tokenizer_path``), else a new one.
+
+    A new tokenizer is trained on the training split in memory; the caller saves it into the
+    workdir (``tokenizer.save``) once everything else has been checked, so a run that fails
+    its checks leaves the workdir as it was.
+    """
+    d = config.data
+    if os.path.isfile(os.path.join(workdir, tokenizers.TOKENIZER_FILE)):
+        tok = tokenizers.load(workdir)
+        if tok.name != d.tokenizer:
+            raise CheckpointError(
+                f"--workdir {workdir} holds a {tok.name!r} tokenizer but config.data.tokenizer={d.tokenizer!r}; "
+                "use a new --workdir or the same tokenizer"
+            )
+        return tok
+    if d.tokenizer_path:
+        return tokenizers.build(d.tokenizer, os.path.expanduser(d.tokenizer_path))
+    if d.tokenizer == "byte":
+        return tokenizers.build("byte")
+
+    def texts():
+        for i in range(len(train_source)):
+            text = train_source[i]["text"]
+            yield text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
+
+    return tokenizers.train(d.tokenizer, texts(), None, d.tokenizer_vocab_size)

@@ -1,4 +1,16 @@
-"""Model assemblies, built by name from a validated ModelConfig."""
+"""Model assemblies, built by name from a validated ModelConfig.
+
+``MODELS`` maps ``config.model.kind`` to the module class; every class takes the ModelConfig
+as its only attribute. Call signatures (all keyword arguments after the first are optional):
+
+* ``decoder_only``: ``DecoderOnly(cfg)(tokens, *, positions, segment_ids, deterministic, decode) -> [B, T, V]``
+* ``encoder_only``: ``EncoderOnly(cfg)(tokens, *, token_types, positions, segment_ids, deterministic)
+  -> {mlm_logits, nsp_logits, pooled, hidden}``
+* ``encoder_decoder``: ``EncoderDecoder(cfg)(inputs, targets_in, *, inputs_positions, targets_positions,
+  inputs_segment_ids, targets_segment_ids, deterministic, decode) -> [B, T, V]``, plus ``encode`` and
+  ``decode`` methods for generation
+* ``rnn``: ``RnnLM(cfg)(tokens, *, deterministic, decode, positions, segment_ids) -> [B, T, V]``
+"""
 
 from __future__ import annotations
 
@@ -6,19 +18,28 @@ import dataclasses
 
 import flax.linen as nn
 
+from jaxlm.common_types import ConfigError
 from jaxlm.config_lib import ModelConfig
 from jaxlm.models.decoder_only import DecoderOnly
+from jaxlm.models.encoder_decoder import EncoderDecoder
+from jaxlm.models.encoder_only import EncoderOnly
+from jaxlm.models.rnn import RnnLM
 
-MODELS: dict[str, type[nn.Module]] = {"decoder_only": DecoderOnly}
+MODELS: dict[str, type[nn.Module]] = {
+    "decoder_only": DecoderOnly,
+    "encoder_only": EncoderOnly,
+    "encoder_decoder": EncoderDecoder,
+    "rnn": RnnLM,
+}
 
 
 def build(cfg: ModelConfig, vocab_size: int | None = None) -> nn.Module:
     """Instantiate ``MODELS[cfg.kind]``; ``vocab_size`` fills ``cfg.vocab_size == 0``."""
     if cfg.kind not in MODELS:
-        raise ValueError(f"unknown model kind {cfg.kind!r}; valid: {', '.join(MODELS)}")
+        raise ConfigError(f"config.model.kind={cfg.kind!r} is not one of: {', '.join(MODELS)}")
     if cfg.vocab_size == 0:
         if vocab_size is None:
-            raise ValueError("config.model.vocab_size is 0 and no tokenizer vocab size was given")
+            raise ConfigError("config.model.vocab_size is 0 and no tokenizer vocab size was given; set it")
         cfg = dataclasses.replace(cfg, vocab_size=vocab_size)
     return MODELS[cfg.kind](cfg)
 

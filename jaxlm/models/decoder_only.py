@@ -1,5 +1,24 @@
 """Decoder-only (GPT-style) language model.
 
+Token embedding, positions (``config.model.position``: learned / sinusoidal added to the
+embeddings, rope / relative / alibi inside attention, or none), causal Transformer blocks
+(pre- or post-norm), a final norm for pre-norm stacks, and a tied or untied LM head.
+
+Parameter tree (unrolled; ``scan_layers`` stacks the blocks as ``blocks/layers/block/...``)::
+
+    token_embed/embedding            [V, D]
+    pos_embed/embedding              [max_len, D]     position='learned'
+    blocks/relative_bias/rel_embedding [buckets, N]   position='relative'
+    blocks/layer_i/attn_norm/{scale, bias}
+    blocks/layer_i/attn/{query, key, value}/{kernel [D, N|K, H], bias}
+    blocks/layer_i/attn/out/{kernel [N, H, D], bias [D]}
+    blocks/layer_i/mlp_norm/{scale, bias}
+    blocks/layer_i/mlp/{wi | wi_0, wi_1}/{kernel [D, F], bias}, mlp/wo/{kernel [F, D], bias}
+    final_norm/{scale, bias}                          pre_norm
+    lm_head/kernel                   [D, V]           tie_embeddings=False
+
+The default config is GPT-2's layout (``jaxlm.interop.hf`` maps its weights onto this tree).
+
 Shapes: B batch, T length, D model dim, V vocab.
 """
 
@@ -10,16 +29,14 @@ import jax.numpy as jnp
 
 from jaxlm import logical_axes as ax
 from jaxlm.config_lib import ModelConfig
-from jaxlm.models import config as model_config
-from jaxlm.models.transformer import BlockStack, DecoderBlock
+from jaxlm.models.transformer import ACT, BlockStack, CachePositions, add_positions, dtypes, norm
 from jaxlm.nn import masks
-from jaxlm.nn.embeddings import Embed, LearnedPositions, SinusoidalPositions, positions_like
+from jaxlm.nn.embeddings import Embed, positions_like
 from jaxlm.nn.linears import DenseGeneral
-from jaxlm.nn.normalization import NORMS
 
 
 class DecoderOnly(nn.Module):
-    """Token embedding, absolute positions, causal pre-norm blocks, final norm, LM head."""
+    """Token embedding, positions, causal blocks, final norm, LM head."""
 
     cfg: ModelConfig
 
@@ -36,30 +53,33 @@ class DecoderOnly(nn.Module):
         """``[B, T] int -> [B, T, V]`` float32 logits.
 
         Args:
-          positions: absolute position of each token (default ``0..T-1``); generation passes
-            the cache offset here.
+          tokens: ``[B, T]`` token ids.
+          positions: absolute position of each token (default ``0..T-1``, or continuing the
+            cache in decode mode); generation passes the cache offset here.
           segment_ids: packed-document ids (0 = padding); attention stays within a segment.
-          decode: use and extend the key/value cache (see ``MultiHeadAttention``).
+            Ignored in decode mode.
+          deterministic: disables dropout.
+          decode: use and extend the key/value cache (see ``MultiHeadAttention``); the init
+            call with ``decode=True`` sizes the cache by the input length.
         """
         cfg = self.cfg
-        dt, pdt = model_config.dtype(cfg.dtype), model_config.dtype(cfg.param_dtype)
-        if positions is None:
-            positions = positions_like(tokens)
+        dt, pdt = dtypes(cfg)
+        q_pos, k_pos = CachePositions(name="cache_positions")(tokens, positions, decode=decode)
         embed = Embed(cfg.vocab_size, cfg.embed_dim, dtype=dt, param_dtype=pdt, name="token_embed")
-        x = embed(tokens)
-        if cfg.position == "learned":
-            x = x + LearnedPositions(cfg.max_len, cfg.embed_dim, dtype=dt, param_dtype=pdt, name="pos_embed")(positions)
-        elif cfg.position == "sinusoidal":
-            x = x + SinusoidalPositions(cfg.max_len, cfg.embed_dim, dtype=dt)(positions)
+        x = add_positions(cfg, embed(tokens), q_pos)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-        x = nn.with_logical_constraint(x, (ax.ACT_BATCH, ax.ACT_LENGTH, ax.ACT_EMBED))
+        x = nn.with_logical_constraint(x, ACT)
 
-        mask = None
+        mask = None  # in decode mode the attention cache supplies the causal mask
         if not decode:
+            slots = positions_like(tokens)
             seg_mask = masks.segment_mask(segment_ids, segment_ids) if segment_ids is not None else None
-            mask = masks.combine(masks.causal_mask(positions_like(tokens), positions_like(tokens)), seg_mask)
-        x = BlockStack(cfg, DecoderBlock, name="blocks")(x, mask=mask, deterministic=deterministic, decode=decode)
-        x = NORMS[cfg.norm](dtype=dt, param_dtype=pdt, name="final_norm")(x)
+            mask = masks.combine(masks.causal_mask(slots, slots), seg_mask)
+        x = BlockStack(cfg, cfg.num_layers, causal=True, name="blocks")(
+            x, positions=q_pos, key_positions=k_pos, mask=mask, deterministic=deterministic, decode=decode
+        )
+        if cfg.pre_norm:
+            x = norm(cfg, "final_norm")(x)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:

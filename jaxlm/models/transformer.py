@@ -1,10 +1,28 @@
-"""The Transformer block and a stack of them (unrolled or ``nn.scan``-ned, optionally remat).
+"""Transformer parts shared by the decoder-only, encoder-only and encoder-decoder models.
 
-Shapes: B batch, T length, S key length, D model dim.
+* :class:`TransformerBlock`: self-attention, optional cross-attention, MLP; each sublayer
+  pre-norm (``x + f(norm(x))``, GPT-2 / T5) or post-norm (``norm(x + f(x))``, the original
+  Transformer / BERT) after ``config.model.pre_norm``.
+* :class:`BlockStack`: ``L`` blocks, unrolled (``layer_0`` ...) or ``nn.scan``-ned (``layers/block``
+  with every parameter stacked on a leading ``LAYERS`` axis), each optionally rematerialized
+  (``config.model.remat``). It computes the attention-logit position bias once (T5 relative
+  bias: bidirectional in encoders, causal in decoders; or ALiBi) and passes it to every block.
+* :class:`CachePositions`: query and key positions of self-attention, kept in the ``cache``
+  collection during KV-cache decoding so that biases see the positions of the cached keys.
+* :func:`add_positions`: absolute (learned / sinusoidal) position encodings added to embeddings.
+
+How ``config.model.position`` acts (``jaxlm.nn.positions.POSITION_ENCODINGS``): ``learned`` and
+``sinusoidal`` are added to the token embeddings (sinusoidal also multiplies the token
+embeddings by ``sqrt(D)``, as Vaswani et al. 2017 sec. 3.4, so both terms have comparable
+scale); ``rope`` rotates queries and keys of self-attention (never cross-attention); ``relative``
+and ``alibi`` are biases on self-attention logits; ``none`` adds nothing.
+
+Shapes: B batch, T length, S key length, N heads, D model dim.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -15,51 +33,12 @@ from jaxlm import logical_axes as ax
 from jaxlm.config_lib import ModelConfig
 from jaxlm.models import config as model_config
 from jaxlm.nn.attention import MultiHeadAttention
+from jaxlm.nn.embeddings import LearnedPositions, SinusoidalPositions, positions_like
 from jaxlm.nn.linears import Mlp, residual_init_std
-from jaxlm.nn.normalization import NORMS
+from jaxlm.nn.normalization import make_norm
+from jaxlm.nn.positions import RelativePositionBias, alibi_bias
 
 ACT = (ax.ACT_BATCH, ax.ACT_LENGTH, ax.ACT_EMBED)
-
-
-class DecoderBlock(nn.Module):
-    """Pre-LayerNorm block: ``x + Attn(Norm(x))`` then ``x + Mlp(Norm(x))``."""
-
-    cfg: ModelConfig
-
-    @nn.compact
-    def __call__(
-        self,
-        x: jnp.ndarray,
-        mask: jnp.ndarray | None,
-        bias: jnp.ndarray | None,
-        deterministic: bool,
-        decode: bool,
-    ) -> jnp.ndarray:
-        cfg = self.cfg
-        dt, pdt = model_config.dtype(cfg.dtype), model_config.dtype(cfg.param_dtype)
-        norm = NORMS[cfg.norm]
-        out_std = residual_init_std(cfg.num_layers)
-        x = nn.with_logical_constraint(x, ACT)
-        h = norm(dtype=dt, param_dtype=pdt, name="attn_norm")(x)
-        h = MultiHeadAttention(
-            num_heads=cfg.num_heads,
-            num_kv_heads=model_config.kv_heads(cfg),
-            head_dim=cfg.head_dim,
-            dropout_rate=cfg.dropout_rate,
-            implementation=cfg.attention,
-            out_init_std=out_std,
-            dtype=dt,
-            param_dtype=pdt,
-            name="attn",
-        )(h, mask=mask, bias=bias, deterministic=deterministic, decode=decode)
-        x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
-        h = norm(dtype=dt, param_dtype=pdt, name="mlp_norm")(x)
-        h = Mlp(
-            cfg.mlp_dim, cfg.activation, cfg.dropout_rate, out_init_std=out_std, dtype=dt, param_dtype=pdt, name="mlp"
-        )(h, deterministic=deterministic)
-        x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
-        return nn.with_logical_constraint(x, ACT)
-
 
 REMAT_POLICIES: dict[str, Any] = {
     "none": None,
@@ -68,52 +47,273 @@ REMAT_POLICIES: dict[str, Any] = {
 }
 
 
-class _ScanBody(nn.Module):
-    """Adapts a block to ``nn.scan``'s (carry, x) -> (carry, y) signature."""
+def dtypes(cfg: ModelConfig) -> tuple[Any, Any]:
+    """``(compute dtype, parameter dtype)`` of ``cfg``."""
+    return model_config.dtype(cfg.dtype), model_config.dtype(cfg.param_dtype)
 
-    cfg: ModelConfig
-    block: type[nn.Module]
+
+def norm(cfg: ModelConfig, name: str) -> nn.Module:
+    """The configured norm (``cfg.norm`` with ``cfg.norm_eps``) as a submodule called ``name``."""
+    dt, pdt = dtypes(cfg)
+    return make_norm(cfg.norm, epsilon=cfg.norm_eps, dtype=dt, param_dtype=pdt, name=name)
+
+
+def add_positions(cfg: ModelConfig, x: jnp.ndarray, positions: jnp.ndarray, *, name: str = "pos_embed") -> jnp.ndarray:
+    """Add the absolute position encoding of ``cfg.position`` to token embeddings ``x [B, T, D]``.
+
+    Call from inside a compact method: the learned table becomes a submodule ``name`` of it.
+    Positions that act inside attention (rope, relative, alibi) and ``none`` return ``x``.
+    """
+    dt, pdt = dtypes(cfg)
+    if cfg.position == "learned":
+        return x + LearnedPositions(cfg.max_len, cfg.embed_dim, dtype=dt, param_dtype=pdt, name=name)(positions)
+    if cfg.position == "sinusoidal":
+        scale = jnp.asarray(math.sqrt(cfg.embed_dim), dt)
+        return x * scale + SinusoidalPositions(cfg.max_len, cfg.embed_dim, dtype=dt)(positions)
+    return x
+
+
+class CachePositions(nn.Module):
+    """Positions of self-attention queries and keys, tracking the KV cache in decode mode.
+
+    Without ``decode`` both are ``positions`` (default ``0..T-1``). With ``decode`` the ``cache``
+    collection holds ``index`` (tokens cached so far) and ``key_positions [B, S_max]`` (the
+    position of the token in each cache slot; ``MultiHeadAttention`` fills slots in the same
+    order), queries default to ``index .. index+T-1``, and the keys are all ``S_max`` slots
+    (unfilled ones are masked by the attention's cache mask). As in ``MultiHeadAttention``, the
+    init call with ``decode=True`` only sizes the cache by its input length.
+    """
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, _: Any, mask: Any, bias: Any, deterministic: bool, decode: bool) -> Any:
-        return self.block(self.cfg, name="block")(x, mask, bias, deterministic, decode), None
+    def __call__(
+        self, like: jnp.ndarray, positions: jnp.ndarray | None, *, decode: bool
+    ) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """``like`` is any ``[B, T, ...]`` array; returns ``(q_positions [B, T], k_positions [B, S])``."""
+        b, t = like.shape[0], like.shape[1]
+        if not decode:
+            q = positions_like(like[..., 0] if like.ndim > 2 else like) if positions is None else positions
+            return q, q
+        initialized = self.has_variable("cache", "index")
+        index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + index.value, (b, t))
+        positions = jnp.broadcast_to(positions, (b, t)).astype(jnp.int32)
+        keys = self.variable("cache", "key_positions", jnp.zeros, (b, t), jnp.int32)
+        if not initialized:
+            return positions, positions
+        keys.value = jax.lax.dynamic_update_slice(keys.value, positions, (0, index.value))
+        index.value = index.value + t
+        return positions, keys.value
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention, optional cross-attention and MLP sublayers, pre- or post-norm.
+
+    Parameter names: ``attn_norm``, ``attn/{query,key,value,out}``, (``cross_attn_norm``,
+    ``cross_attn/...``), ``mlp_norm``, ``mlp/{wi | wi_0, wi_1, wo}``. In a post-norm block
+    ``attn_norm`` is the norm after the attention residual (BERT's ``attention.output.LayerNorm``).
+
+    Attributes:
+      cfg: the model config.
+      num_layers: depth of the stack, for GPT-2's scaled init of the residual projections.
+      cross_attention: add a cross-attention sublayer over ``encoded`` (encoder-decoder).
+    """
+
+    cfg: ModelConfig
+    num_layers: int
+    cross_attention: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        mask: jnp.ndarray | None,
+        bias: jnp.ndarray | None,
+        positions: jnp.ndarray | None,
+        encoded: jnp.ndarray | None,
+        cross_mask: jnp.ndarray | None,
+        deterministic: bool,
+        decode: bool,
+    ) -> jnp.ndarray:
+        """``[B, T, D] -> [B, T, D]``.
+
+        Args:
+          x: the residual stream.
+          mask: self-attention mask, broadcastable to ``[B, N, T, S]``.
+          bias: self-attention logits bias (relative / ALiBi), shared by all layers.
+          positions: ``[B, T]`` positions for RoPE (None when RoPE is off).
+          encoded: ``[B, S, D]`` encoder output for cross-attention.
+          cross_mask: cross-attention mask, broadcastable to ``[B, N, T, S]``.
+          deterministic: disables dropout.
+          decode: use and extend the self-attention key/value cache.
+        """
+        cfg = self.cfg
+        dt, pdt = dtypes(cfg)
+        out_std = residual_init_std(self.num_layers)
+        rope = cfg.position == "rope"
+        attention = dict(
+            num_heads=cfg.num_heads,
+            num_kv_heads=model_config.kv_heads(cfg),
+            head_dim=cfg.head_dim,
+            dropout_rate=cfg.dropout_rate,
+            implementation=cfg.attention,
+            use_bias=cfg.use_bias,
+            out_init_std=out_std,
+            dtype=dt,
+            param_dtype=pdt,
+        )
+
+        def sublayer(x: jnp.ndarray, name: str, fn: Any) -> jnp.ndarray:
+            if cfg.pre_norm:
+                h = fn(norm(cfg, f"{name}_norm")(x))
+                return x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+            h = nn.Dropout(cfg.dropout_rate)(fn(x), deterministic=deterministic)
+            return norm(cfg, f"{name}_norm")(x + h)
+
+        x = nn.with_logical_constraint(x, ACT)
+        self_attn = MultiHeadAttention(
+            rope_max_wavelength=cfg.rope_max_wavelength if rope else None,
+            rope_scale=cfg.rope_scale,
+            name="attn",
+            **attention,
+        )
+        x = sublayer(
+            x,
+            "attn",
+            lambda h: self_attn(
+                h,
+                mask=mask,
+                bias=bias,
+                deterministic=deterministic,
+                decode=decode,
+                positions=positions if rope else None,
+            ),
+        )
+        if self.cross_attention:
+            cross_attn = MultiHeadAttention(name="cross_attn", **attention)
+            x = sublayer(
+                x, "cross_attn", lambda h: cross_attn(h, encoded, mask=cross_mask, deterministic=deterministic)
+            )
+        mlp = Mlp(
+            cfg.mlp_dim,
+            cfg.activation,
+            cfg.dropout_rate,
+            use_bias=cfg.use_bias,
+            out_init_std=out_std,
+            dtype=dt,
+            param_dtype=pdt,
+            name="mlp",
+        )
+        x = sublayer(x, "mlp", lambda h: mlp(h, deterministic=deterministic))
+        return nn.with_logical_constraint(x, ACT)
+
+
+class _ScanBody(nn.Module):
+    """Adapts a block to ``nn.scan``'s ``(carry, x) -> (carry, y)`` signature."""
+
+    cfg: ModelConfig
+    num_layers: int
+    cross_attention: bool
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        _: Any,
+        mask: Any,
+        bias: Any,
+        positions: Any,
+        encoded: Any,
+        cross_mask: Any,
+        deterministic: bool,
+        decode: bool,
+    ) -> tuple[jnp.ndarray, None]:
+        block = TransformerBlock(self.cfg, self.num_layers, self.cross_attention, name="block")
+        return block(x, mask, bias, positions, encoded, cross_mask, deterministic, decode), None
 
 
 class BlockStack(nn.Module):
-    """``num_layers`` blocks, either unrolled (``layer_0`` ...) or scanned (``layers``)."""
+    """``num_layers`` Transformer blocks, unrolled (``layer_0`` ...) or scanned (``layers/block``).
+
+    Attributes:
+      cfg: the model config (``scan_layers``, ``remat``, ``position`` ...).
+      num_layers: number of blocks.
+      causal: a decoder stack: the T5 bias is unidirectional (``bidirectional=False``).
+      cross_attention: blocks attend to an encoder output.
+
+    The position bias module (``position='relative'``) is ``relative_bias`` in this stack.
+    """
 
     cfg: ModelConfig
-    block: type[nn.Module] = DecoderBlock
+    num_layers: int
+    causal: bool = True
+    cross_attention: bool = False
 
     @nn.compact
     def __call__(
         self,
         x: jnp.ndarray,
         *,
+        positions: jnp.ndarray,
+        key_positions: jnp.ndarray | None = None,
         mask: jnp.ndarray | None,
-        bias: jnp.ndarray | None = None,
+        encoded: jnp.ndarray | None = None,
+        cross_mask: jnp.ndarray | None = None,
         deterministic: bool,
         decode: bool = False,
     ) -> jnp.ndarray:
+        """``[B, T, D] -> [B, T, D]``.
+
+        Args:
+          x: embedded inputs.
+          positions: ``[B, T]`` query positions (RoPE, relative bias, ALiBi).
+          key_positions: ``[B, S]`` self-attention key positions (the cache's in decode mode;
+            default ``positions``).
+          mask: self-attention mask (causal / padding / segments), broadcastable to ``[B, N, T, S]``.
+          encoded: ``[B, S, D]`` encoder output (cross-attention stacks).
+          cross_mask: cross-attention mask.
+          deterministic: disables dropout.
+          decode: use and extend the key/value caches.
+        """
         cfg = self.cfg
+        key_positions = positions if key_positions is None else key_positions
+        bias = None
+        if cfg.position == "relative":
+            bias = RelativePositionBias(
+                cfg.num_heads,
+                num_buckets=cfg.relative_buckets,
+                max_distance=cfg.relative_max_distance,
+                bidirectional=not self.causal,
+                dtype=jnp.float32,
+                param_dtype=dtypes(cfg)[1],
+                name="relative_bias",
+            )(positions, key_positions)
+        elif cfg.position == "alibi":
+            bias = alibi_bias(positions, key_positions, cfg.num_heads)
+        rope_positions = positions if cfg.position == "rope" else None
+        if cfg.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat {cfg.remat!r}; valid: {', '.join(REMAT_POLICIES)}")
         policy = REMAT_POLICIES[cfg.remat]
+        args = (mask, bias, rope_positions, encoded, cross_mask)
         if cfg.scan_layers:
-            body = _ScanBody
+            body: Any = _ScanBody
             if cfg.remat != "none":
-                body = nn.remat(body, policy=policy, prevent_cse=False, static_argnums=(5, 6))
+                body = nn.remat(body, policy=policy, prevent_cse=False, static_argnums=(8, 9))
             scanned = nn.scan(
                 body,
                 variable_axes={"params": 0, "cache": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                length=cfg.num_layers,
+                in_axes=(nn.broadcast,) * 8,
+                length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: ax.LAYERS},
             )
-            x, _ = scanned(cfg, self.block, name="layers")(x, None, mask, bias, deterministic, decode)
+            x, _ = scanned(cfg, self.num_layers, self.cross_attention, name="layers")(
+                x, None, *args, deterministic, decode
+            )
             return x
-        block = self.block
+        block: Any = TransformerBlock
         if cfg.remat != "none":
-            block = nn.remat(block, policy=policy, prevent_cse=True, static_argnums=(4, 5))
-        for i in range(cfg.num_layers):
-            x = block(cfg, name=f"layer_{i}")(x, mask, bias, deterministic, decode)
+            block = nn.remat(block, policy=policy, prevent_cse=True, static_argnums=(7, 8))
+        for i in range(self.num_layers):
+            x = block(cfg, self.num_layers, self.cross_attention, name=f"layer_{i}")(x, *args, deterministic, decode)
         return x

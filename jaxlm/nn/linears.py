@@ -1,4 +1,4 @@
-"""Dense layers with logical axis names, and the Transformer MLP.
+"""Dense layers with logical axis names, activations, and the Transformer MLP (plain or gated).
 
 Shapes: B batch, T length, D model dim, F mlp dim. Matmuls feed ``dtype`` operands and
 accumulate in float32 (``preferred_element_type``), which is what makes bf16 fast on CPUs with
@@ -71,15 +71,48 @@ class DenseGeneral(nn.Module):
         return y.astype(self.dtype)
 
 
+def _gelu_tanh(x: jnp.ndarray) -> jnp.ndarray:
+    """GELU, tanh approximation (GPT-2's ``gelu_new``, T5 v1.1's gated-gelu)."""
+    return nn.gelu(x, approximate=True)
+
+
+def _gelu_exact(x: jnp.ndarray) -> jnp.ndarray:
+    """GELU with the exact erf (BERT's ``gelu``)."""
+    return nn.gelu(x, approximate=False)
+
+
+# ``config.model.activation`` -> the elementwise function. For the gated names (GATED) the
+# function is applied to the gate branch only: ``act(x W_0) * (x W_1)`` (Shazeer, 2020).
 ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
-    "gelu": lambda x: nn.gelu(x, approximate=True),
+    "gelu": _gelu_tanh,
+    "gelu_exact": _gelu_exact,
     "relu": nn.relu,
     "silu": nn.silu,
+    "swiglu": nn.silu,
+    "geglu": _gelu_tanh,
 }
+GATED: frozenset[str] = frozenset({"swiglu", "geglu"})
+
+
+def activation(name: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
+    """Look up an activation by config name (the gate's function for gated names)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def is_gated(name: str) -> bool:
+    """Whether ``name`` is a gated linear unit (two input projections ``wi_0``, ``wi_1``)."""
+    return name in GATED
 
 
 class Mlp(nn.Module):
-    """Position-wise feed-forward block: D -> F -> activation -> dropout -> D."""
+    """Position-wise feed-forward block: D -> F -> activation -> dropout -> D.
+
+    Plain activations have one input projection ``wi [D, F]``; the gated ones (``swiglu``,
+    ``geglu``) have a gate ``wi_0 [D, F]`` and a linear branch ``wi_1 [D, F]`` (the names of
+    T5 v1.1) and compute ``act(x wi_0) * (x wi_1)``. The output projection is ``wo [F, D]``.
+    """
 
     mlp_dim: int
     activation: str = "gelu"
@@ -91,26 +124,20 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, deterministic: bool) -> jnp.ndarray:
+        """``[B, T, D] -> [B, T, D]``."""
         d = x.shape[-1]
-        h = DenseGeneral(
-            (self.mlp_dim,),
-            (ax.EMBED, ax.MLP),
-            use_bias=self.use_bias,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="wi",
-        )(x)
-        h = ACTIVATIONS[self.activation](h)
+        dense = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        act = activation(self.activation)
+        if is_gated(self.activation):
+            gate = DenseGeneral((self.mlp_dim,), (ax.EMBED, ax.MLP), name="wi_0", **dense)(x)
+            linear = DenseGeneral((self.mlp_dim,), (ax.EMBED, ax.MLP), name="wi_1", **dense)(x)
+            h = act(gate) * linear
+        else:
+            h = act(DenseGeneral((self.mlp_dim,), (ax.EMBED, ax.MLP), name="wi", **dense)(x))
         h = nn.with_logical_constraint(h, (ax.ACT_BATCH, ax.ACT_LENGTH, ax.ACT_MLP))
         h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
         return DenseGeneral(
-            (d,),
-            (ax.MLP, ax.EMBED),
-            use_bias=self.use_bias,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=default_kernel_init(self.out_init_std),
-            name="wo",
+            (d,), (ax.MLP, ax.EMBED), kernel_init=default_kernel_init(self.out_init_std), name="wo", **dense
         )(h)
 
 

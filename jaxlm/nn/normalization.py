@@ -1,4 +1,8 @@
-"""Normalization layers. Shapes: ``[..., D]``; statistics are computed in float32."""
+"""Normalization layers, chosen by ``config.model.norm`` through ``NORMS``.
+
+Shapes: ``[..., D]``; statistics are computed in float32. Models pass ``config.model.norm_eps``
+as ``epsilon`` (1e-5 GPT-2, 1e-12 BERT, 1e-6 T5); use :func:`make_norm`.
+"""
 
 from __future__ import annotations
 
@@ -56,3 +60,12 @@ class RMSNorm(nn.Module):
 
 
 NORMS: dict[str, type[nn.Module]] = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}
+
+
+def make_norm(
+    kind: str, *, epsilon: float, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, **kw: Any
+) -> nn.Module:
+    """Instantiate ``NORMS[kind]`` with ``epsilon``; ``kw`` may carry the submodule ``name``."""
+    if kind not in NORMS:
+        raise ValueError(f"unknown norm {kind!r}; valid: {', '.join(NORMS)}")
+    return NORMS[kind](epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, **kw)

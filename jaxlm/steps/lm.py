@@ -1,8 +1,4 @@
-"""Language-model train and eval steps.
-
-Batches hold ``inputs``, ``targets`` and ``weights`` of shape ``[B, T]`` (optionally
-``positions`` and ``segment_ids`` for packed sequences).
-"""
+"""Train and eval steps for every model family; the loss comes from ``steps.objectives``."""
 
 from __future__ import annotations
 
@@ -13,23 +9,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlm import losses
+from jaxlm.steps import objectives
 from jaxlm.train_state import TrainState
 
 Batch = dict[str, jax.Array]
 
 
-def _model_kwargs(batch: Batch) -> dict[str, Any]:
-    return {k: batch[k] for k in ("positions", "segment_ids") if k in batch}
-
-
-def loss_fn(params: Any, batch: Batch, rng: jax.Array | None, *, model: nn.Module, deterministic: bool) -> tuple:
+def loss_fn(
+    params: Any,
+    batch: Batch,
+    rng: jax.Array | None,
+    *,
+    model: nn.Module,
+    deterministic: bool,
+    objective: objectives.LossFn = objectives.causal_lm,
+) -> tuple:
     """Summed token loss and the summed weight (the mean is their ratio)."""
-    rngs = {"dropout": rng} if rng is not None else {}
-    logits = model.apply(
-        {"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs, **_model_kwargs(batch)
-    )
-    return losses.weighted_cross_entropy(logits, batch["targets"], batch["weights"])
+    return objective(model, params, batch, rng, deterministic)
 
 
 def train_step(
@@ -40,6 +36,7 @@ def train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
     grad_accum_steps: int = 1,
+    objective: objectives.LossFn = objectives.causal_lm,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on a global batch; returns the new state and metrics.
 
@@ -52,7 +49,9 @@ def train_step(
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def micro(params: Any, micro_batch: Batch, micro_rng: jax.Array) -> tuple:
-        (loss_sum, weight_sum), grads = grad_fn(params, micro_batch, micro_rng, model=model, deterministic=False)
+        (loss_sum, weight_sum), grads = grad_fn(
+            params, micro_batch, micro_rng, model=model, deterministic=False, objective=objective
+        )
         return loss_sum, weight_sum, grads
 
     if grad_accum_steps == 1:
@@ -74,18 +73,29 @@ def train_step(
 
     denom = jnp.maximum(weight_sum, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
+    loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # Numerics guard: a non-finite loss or gradient leaves params and optimizer state as they
+    # were (the step counter still advances, so data and dropout move on); the program decides
+    # from the `nonfinite` metric whether to carry on or stop.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    params = jax.tree.map(keep, params, state.params)
+    opt_state = jax.tree.map(keep, opt_state, state.opt_state)
     metrics = {
-        "loss": loss_sum / denom,
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(state.params),
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "param_norm": optax.tree.norm(params),
         "tokens": weight_sum,
+        "nonfinite": 1.0 - finite.astype(jnp.float32),
     }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> dict[str, jax.Array]:
+def eval_step(
+    params: Any, batch: Batch, *, model: nn.Module, objective: objectives.LossFn = objectives.causal_lm
+) -> dict[str, jax.Array]:
     """Summed loss and weight of a batch (average over many batches, then exponentiate)."""
-    loss_sum, weight_sum = loss_fn(params, batch, None, model=model, deterministic=True)
+    loss_sum, weight_sum = loss_fn(params, batch, None, model=model, deterministic=True, objective=objective)
     return {"loss_sum": loss_sum, "weight_sum": weight_sum}

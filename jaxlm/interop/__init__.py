@@ -1,0 +1,1 @@
+"""Weight import and export between jaxlm and other frameworks (see :mod:`jaxlm.interop.hf`)."""

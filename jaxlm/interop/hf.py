@@ -1,0 +1,447 @@
+"""Hugging Face checkpoints <-> jaxlm parameter trees and config fields, as plain NumPy.
+
+Supported architecture: GPT-2 (``model_type: gpt2``; the weights of ``GPT2LMHeadModel`` or
+``GPT2Model``) <-> jaxlm ``decoder_only`` with learned positions, pre-LayerNorm (any eps),
+tanh-approximated GELU (GPT-2's ``gelu_new``), biases everywhere and tied (or untied)
+embeddings; its blocks either unrolled (``layer_i``) or stacked for ``scan_layers``.
+
+This module maps names, shapes and config fields; it builds no model, so it imports nothing
+from jaxlm above L0. Weight files are read and written with ``safetensors`` (NumPy flavour);
+``torch`` is needed only for ``pytorch_model.bin`` (and bfloat16 files, where NumPy lacks
+``ml_dtypes``). Both
+are imported inside the functions that need them: ``pip install 'jaxlm[hf]'``.
+
+Shapes: D model dim, N heads, H head dim (D = N * H), F mlp dim, V vocab, P positions,
+L layers. Hugging Face's ``Conv1D`` stores its weight as ``[in, out]`` (the transpose of
+``nn.Linear``), which is jaxlm's kernel layout, so only the fused ``c_attn`` needs splitting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from jaxlm.common_types import DataError
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+SAFETENSORS_FILE = "model.safetensors"
+# In the order Hugging Face prefers them when a directory holds several.
+WEIGHT_FILES = (SAFETENSORS_FILE, "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+INSTALL_HINT = "pip install 'jaxlm[hf]'"
+
+Params = dict[str, Any]  # a nested dict of np.ndarray, the shape of a jaxlm 'params' collection
+StateDict = dict[str, np.ndarray]  # Hugging Face tensor name -> array
+
+
+# ------------------------------------------------------------------------------------------
+# Files.
+
+
+def read_config(hf_dir: str) -> dict[str, Any]:
+    """``hf_dir/config.json`` as a dict; a :class:`DataError` if it is missing or not JSON."""
+    path = os.path.join(hf_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise DataError(f"{hf_dir} has no {CONFIG_FILE}; give a Hugging Face model directory (save_pretrained)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is not readable JSON ({e}); fix or re-save the model") from e
+    if not isinstance(raw, dict):
+        raise DataError(f"{path} is not a JSON object; give a Hugging Face config.json")
+    return raw
+
+
+def weights_file(hf_dir: str) -> str:
+    """The path of the weights in ``hf_dir`` (safetensors preferred); a :class:`DataError` if none."""
+    for name in WEIGHT_FILES:
+        path = os.path.join(hf_dir, name)
+        if os.path.isfile(path):
+            return path
+    raise DataError(f"{hf_dir} has no weights; expected one of: {', '.join(WEIGHT_FILES)}")
+
+
+def load_state_dict(hf_dir: str) -> StateDict:
+    """Read every tensor of the checkpoint in ``hf_dir`` (sharded ``*.index.json`` included)."""
+    path = weights_file(hf_dir)
+    if not path.endswith(".index.json"):
+        return _load_file(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{path} is not a weight index with a 'weight_map' ({e}); re-save the model") from e
+    state: StateDict = {}
+    for shard in shards:
+        shard_path = os.path.join(hf_dir, shard)
+        if not os.path.isfile(shard_path):
+            raise DataError(f"{path} names the shard {shard} that is not in {hf_dir}; copy the whole model")
+        state.update(_load_file(shard_path))
+    return state
+
+
+def _load_file(path: str) -> StateDict:
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.numpy import load_file
+        except ImportError as e:
+            raise DataError(f"reading {path} needs the 'safetensors' package: {INSTALL_HINT}") from e
+        try:
+            return dict(load_file(path))
+        except TypeError:  # a dtype NumPy lacks (bfloat16): read through torch
+            return _load_torch(path, safetensors=True)
+        except Exception as e:  # the Rust side raises SafetensorError, a plain Exception
+            raise DataError(f"{path} is not a readable safetensors file ({e}); re-save the model") from e
+    return _load_torch(path, safetensors=False)
+
+
+def _load_torch(path: str, *, safetensors: bool) -> StateDict:
+    try:
+        import torch
+    except ImportError as e:
+        why = "bfloat16 tensors" if safetensors else "a PyTorch state dict"
+        raise DataError(f"{path} holds {why}; reading it needs torch: {INSTALL_HINT}") from e
+    try:
+        if safetensors:
+            from safetensors.torch import load_file
+
+            raw = load_file(path)
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling and deserialization raise many types
+        raise DataError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:200]}); re-save it") from e
+    if not isinstance(raw, Mapping) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise DataError(f"{path} is not a state dict of tensors; save it with model.save_pretrained()")
+
+    def to_numpy(t: Any) -> np.ndarray:
+        t = t.detach().cpu()
+        return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+    return {str(k): to_numpy(v) for k, v in raw.items()}
+
+
+def save_state_dict(state: Mapping[str, np.ndarray], path: str) -> None:
+    """Write ``state`` as a safetensors file that ``from_pretrained`` reads (``format: pt``)."""
+    try:
+        from safetensors.numpy import save_file
+    except ImportError as e:
+        raise DataError(f"writing {path} needs the 'safetensors' package: {INSTALL_HINT}") from e
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path, metadata={"format": "pt"})
+
+
+# ------------------------------------------------------------------------------------------
+# Dispatch by architecture.
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """How one Hugging Face ``model_type`` maps onto jaxlm."""
+
+    kind: str  # jaxlm config.model.kind
+    model_fields: Callable[[Mapping[str, Any], str], dict[str, Any]]
+    params_from_hf: Callable[[Mapping[str, np.ndarray], Mapping[str, Any], str], Params]
+    params_to_hf: Callable[[Mapping[str, Any], Mapping[str, Any]], StateDict]
+    hf_config: Callable[[Mapping[str, Any], Mapping[str, int | None]], dict[str, Any]]
+
+
+def architecture(hf_config: Mapping[str, Any], source: str = CONFIG_FILE) -> Architecture:
+    """The :class:`Architecture` for a Hugging Face config's ``model_type``."""
+    model_type = hf_config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise DataError(
+            f"{source}: model_type={model_type!r} is not supported; jaxlm convert imports: {', '.join(ARCHITECTURES)}"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def export_architecture(model: Mapping[str, Any]) -> Architecture:
+    """The :class:`Architecture` a jaxlm ``config.model`` (as a dict) exports to."""
+    for arch in ARCHITECTURES.values():
+        if arch.kind == model.get("kind"):
+            return arch
+    kinds = sorted({a.kind for a in ARCHITECTURES.values()})
+    raise DataError(f"config.model.kind={model.get('kind')!r} cannot be exported to Hugging Face; exportable: {kinds}")
+
+
+def model_fields_from_hf(hf_config: Mapping[str, Any], source: str = CONFIG_FILE) -> dict[str, Any]:
+    """The jaxlm ``config.model`` fields (a dict) that reproduce a Hugging Face config."""
+    return architecture(hf_config, source).model_fields(hf_config, source)
+
+
+def params_from_hf(
+    hf_config: Mapping[str, Any], state: Mapping[str, np.ndarray], model: Mapping[str, Any], source: str = ""
+) -> Params:
+    """A jaxlm float32 parameter tree from a Hugging Face state dict, for ``config.model`` fields ``model``."""
+    return architecture(hf_config).params_from_hf(state, model, source or "the checkpoint")
+
+
+def params_to_hf(params: Mapping[str, Any], model: Mapping[str, Any]) -> StateDict:
+    """A Hugging Face state dict (tied weights left out) from a jaxlm parameter tree."""
+    return export_architecture(model).params_to_hf(params, model)
+
+
+def hf_config_from_model(model: Mapping[str, Any], special_ids: Mapping[str, int | None]) -> dict[str, Any]:
+    """A Hugging Face ``config.json`` dict for jaxlm ``config.model`` fields (``vocab_size`` resolved).
+
+    ``special_ids`` gives ``bos`` / ``eos`` / ``pad`` ids for the generation defaults.
+    """
+    return export_architecture(model).hf_config(model, special_ids)
+
+
+# ------------------------------------------------------------------------------------------
+# GPT-2.
+
+# GPT2Config's defaults, used where config.json leaves a field out (as from_pretrained does).
+_GPT2_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 50257,
+    "n_positions": 1024,
+    "n_embd": 768,
+    "n_layer": 12,
+    "n_head": 12,
+    "n_inner": None,
+    "activation_function": "gelu_new",
+    "layer_norm_epsilon": 1e-5,
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "add_cross_attention": False,
+    "tie_word_embeddings": True,
+}
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # the same function, to rounding
+_GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in older checkpoints
+
+
+def _gpt2_model_fields(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
+    c = {**_GPT2_DEFAULTS, **cfg}
+    for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+        value = c[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise DataError(f"{source}: {name}={value!r} must be a positive integer; fix the config")
+    d, n = c["n_embd"], c["n_head"]
+    if d % n:
+        raise DataError(f"{source}: n_head={n} does not divide n_embd={d}; fix the config")
+    mlp = c["n_inner"] if c["n_inner"] is not None else 4 * d
+    if isinstance(mlp, bool) or not isinstance(mlp, int) or mlp <= 0:
+        raise DataError(f"{source}: n_inner={mlp!r} must be a positive integer or null; fix the config")
+    if c["activation_function"] not in _TANH_GELUS:
+        raise DataError(
+            f"{source}: activation_function={c['activation_function']!r} is not supported; "
+            f"jaxlm's gelu is the tanh approximation ({', '.join(_TANH_GELUS)})"
+        )
+    eps = c["layer_norm_epsilon"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise DataError(f"{source}: layer_norm_epsilon={eps!r} must be a positive number; fix the config")
+    for name, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
+        if bool(c[name]) != want:
+            raise DataError(f"{source}: {name}={c[name]!r} is not supported; jaxlm needs {want}")
+    if c["add_cross_attention"]:
+        raise DataError(f"{source}: add_cross_attention=true is not supported; jaxlm imports decoder-only GPT-2")
+    return {
+        "kind": "decoder_only",
+        "num_layers": c["n_layer"],
+        "num_heads": n,
+        "num_kv_heads": 0,
+        "embed_dim": d,
+        "mlp_dim": mlp,
+        "max_len": c["n_positions"],
+        "vocab_size": c["vocab_size"],
+        "dropout_rate": 0.0,
+        "position": "learned",
+        "norm": "layernorm",
+        "norm_eps": float(eps),
+        "pre_norm": True,
+        "use_bias": True,
+        "activation": "gelu",
+        "tie_embeddings": bool(c["tie_word_embeddings"]),
+    }
+
+
+def _gpt2_params_from_hf(state: Mapping[str, np.ndarray], model: Mapping[str, Any], source: str) -> Params:
+    d, n, f = model["embed_dim"], model["num_heads"], model["mlp_dim"]
+    h, v, p = d // n, model["vocab_size"], model["max_len"]
+    tied = model["tie_embeddings"]
+    # GPT2LMHeadModel prefixes the body with "transformer."; a bare GPT2Model (the hub's gpt2) does not.
+    prefix = "transformer." if any(k.startswith("transformer.") for k in state) else ""
+    used: set[str] = set()
+
+    def take(name: str, shape: tuple[int, ...], *, top: bool = False) -> np.ndarray:
+        key = name if top else prefix + name
+        if key not in state:
+            raise DataError(f"{source} has no tensor {key!r}; is it a GPT-2 checkpoint matching its config.json?")
+        arr = np.asarray(state[key])
+        if arr.shape != shape:
+            raise DataError(f"{source}: {key} has shape {arr.shape} but config.json implies {shape}; fix the config")
+        used.add(key)
+        return np.ascontiguousarray(arr, dtype=np.float32)
+
+    def norm(name: str) -> Params:
+        return {"scale": take(f"{name}.weight", (d,)), "bias": take(f"{name}.bias", (d,))}
+
+    def layer(i: int) -> Params:
+        pre = f"h.{i}."
+        qkv_w = np.split(take(pre + "attn.c_attn.weight", (d, 3 * d)), 3, axis=1)  # [D, 3D] = q | k | v
+        qkv_b = np.split(take(pre + "attn.c_attn.bias", (3 * d,)), 3)
+        attn: Params = {
+            name: {"kernel": np.ascontiguousarray(w.reshape(d, n, h)), "bias": b.reshape(n, h)}
+            for name, w, b in zip(("query", "key", "value"), qkv_w, qkv_b)
+        }
+        attn["out"] = {
+            "kernel": take(pre + "attn.c_proj.weight", (d, d)).reshape(n, h, d),
+            "bias": take(pre + "attn.c_proj.bias", (d,)),
+        }
+        mlp = {
+            "wi": {"kernel": take(pre + "mlp.c_fc.weight", (d, f)), "bias": take(pre + "mlp.c_fc.bias", (f,))},
+            "wo": {"kernel": take(pre + "mlp.c_proj.weight", (f, d)), "bias": take(pre + "mlp.c_proj.bias", (d,))},
+        }
+        return {"attn_norm": norm(pre + "ln_1"), "attn": attn, "mlp_norm": norm(pre + "ln_2"), "mlp": mlp}
+
+    layers = [layer(i) for i in range(model["num_layers"])]
+    blocks = _stack_layers(layers) if model.get("scan_layers") else {f"layer_{i}": x for i, x in enumerate(layers)}
+    params: Params = {
+        "token_embed": {"embedding": take("wte.weight", (v, d))},
+        "pos_embed": {"embedding": take("wpe.weight", (p, d))},
+        "blocks": blocks,
+        "final_norm": norm("ln_f"),
+    }
+    if not tied:
+        params["lm_head"] = {"kernel": np.ascontiguousarray(take("lm_head.weight", (v, d), top=True).T)}
+    extra = sorted(
+        k for k in state if k not in used and not k.endswith(_GPT2_BUFFERS) and not (tied and k == "lm_head.weight")
+    )
+    if extra:
+        raise DataError(
+            f"{source} has tensors GPT-2 does not use ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}); "
+            "jaxlm convert imports GPT2LMHeadModel or GPT2Model weights"
+        )
+    return params
+
+
+def _gpt2_params_to_hf(params: Mapping[str, Any], model: Mapping[str, Any]) -> StateDict:
+    flat = _flatten(params)
+
+    def pop(path: str) -> np.ndarray:
+        if path not in flat:
+            raise DataError(f"the checkpoint has no parameter {path}; only GPT-2-shaped jaxlm models can be exported")
+        return np.asarray(flat.pop(path), dtype=np.float32)
+
+    d = model["embed_dim"]
+    num_layers = model["num_layers"]
+    scanned = any(k.startswith("blocks/layers/") for k in flat)
+    out: StateDict = {
+        "transformer.wte.weight": pop("token_embed/embedding"),
+        "transformer.wpe.weight": pop("pos_embed/embedding"),
+    }
+    stacked = {k: flat.pop(k) for k in [k for k in flat if k.startswith("blocks/layers/block/")]} if scanned else {}
+    for i in range(num_layers):
+        if scanned:
+            flat.update({k.replace("blocks/layers/block/", "blocks/"): np.asarray(a)[i] for k, a in stacked.items()})
+            src = "blocks/"
+        else:
+            src = f"blocks/layer_{i}/"
+        dst = f"transformer.h.{i}."
+        qkv = [pop(f"{src}attn/{name}/kernel").reshape(d, d) for name in ("query", "key", "value")]
+        qkv_b = [pop(f"{src}attn/{name}/bias").reshape(d) for name in ("query", "key", "value")]
+        out[dst + "ln_1.weight"] = pop(f"{src}attn_norm/scale")
+        out[dst + "ln_1.bias"] = pop(f"{src}attn_norm/bias")
+        out[dst + "attn.c_attn.weight"] = np.concatenate(qkv, axis=1)
+        out[dst + "attn.c_attn.bias"] = np.concatenate(qkv_b)
+        out[dst + "attn.c_proj.weight"] = pop(f"{src}attn/out/kernel").reshape(d, d)
+        out[dst + "attn.c_proj.bias"] = pop(f"{src}attn/out/bias")
+        out[dst + "ln_2.weight"] = pop(f"{src}mlp_norm/scale")
+        out[dst + "ln_2.bias"] = pop(f"{src}mlp_norm/bias")
+        out[dst + "mlp.c_fc.weight"] = pop(f"{src}mlp/wi/kernel")
+        out[dst + "mlp.c_fc.bias"] = pop(f"{src}mlp/wi/bias")
+        out[dst + "mlp.c_proj.weight"] = pop(f"{src}mlp/wo/kernel")
+        out[dst + "mlp.c_proj.bias"] = pop(f"{src}mlp/wo/bias")
+    out["transformer.ln_f.weight"] = pop("final_norm/scale")
+    out["transformer.ln_f.bias"] = pop("final_norm/bias")
+    if not model["tie_embeddings"]:
+        out["lm_head.weight"] = np.ascontiguousarray(pop("lm_head/kernel").T)
+    if flat:
+        raise DataError(
+            f"parameters GPT-2 has no place for: {', '.join(sorted(flat)[:3])}; "
+            "only GPT-2-shaped jaxlm models can be exported"
+        )
+    return {k: np.ascontiguousarray(a) for k, a in out.items()}
+
+
+def _gpt2_hf_config(model: Mapping[str, Any], special_ids: Mapping[str, int | None]) -> dict[str, Any]:
+    # GPT-2 is exactly this; a field the config lacks counts as having the value that was fixed then.
+    needs = {"position": "learned", "norm": "layernorm", "activation": "gelu", "pre_norm": True, "use_bias": True}
+    for name, want in needs.items():
+        if model.get(name, want) != want:
+            raise DataError(f"config.model.{name}={model.get(name)!r} has no GPT-2 equivalent; GPT-2 needs {want!r}")
+    if model.get("num_kv_heads") not in (0, model["num_heads"]):
+        raise DataError(
+            f"config.model.num_kv_heads={model.get('num_kv_heads')} (grouped-query attention) has no GPT-2 equivalent"
+        )
+    rate = float(model.get("dropout_rate", 0.0))
+    out: dict[str, Any] = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": model["vocab_size"],
+        "n_positions": model["max_len"],
+        "n_embd": model["embed_dim"],
+        "n_layer": model["num_layers"],
+        "n_head": model["num_heads"],
+        "n_inner": model["mlp_dim"],
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": model["norm_eps"],
+        "resid_pdrop": rate,
+        "embd_pdrop": rate,
+        "attn_pdrop": rate,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "add_cross_attention": False,
+        "tie_word_embeddings": bool(model["tie_embeddings"]),
+        "use_cache": True,
+    }
+    for role in ("bos", "eos", "pad"):
+        if special_ids.get(role) is not None:
+            out[f"{role}_token_id"] = int(special_ids[role])
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Tree helpers (NumPy only: this layer builds no JAX arrays).
+
+
+def _stack_layers(layers: list[Params]) -> Params:
+    """Per-layer trees -> the ``nn.scan`` layout ``{'layers': {'block': tree of [L, ...]}}``."""
+
+    def stack(trees: list[Any]) -> Any:
+        if isinstance(trees[0], Mapping):
+            return {k: stack([t[k] for t in trees]) for k in trees[0]}
+        return np.stack(trees)
+
+    return {"layers": {"block": stack(layers)}}
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "gpt2": Architecture(
+        kind="decoder_only",
+        model_fields=_gpt2_model_fields,
+        params_from_hf=_gpt2_params_from_hf,
+        params_to_hf=_gpt2_params_to_hf,
+        hf_config=_gpt2_hf_config,
+    ),
+}

@@ -1,0 +1,205 @@
+"""``jaxlm convert``: import a Hugging Face checkpoint into a workdir, or export one back.
+
+``run_from_hf`` turns a ``save_pretrained`` directory (``config.json``, ``model.safetensors``
+or ``pytorch_model.bin``, ``tokenizer.json`` when present) into a workdir that ``jaxlm eval``,
+``jaxlm generate`` and ``jaxlm train`` (fine-tuning, which resumes from it) use directly:
+``config.json``, the tokenizer, and an Orbax checkpoint at step 0 holding a full train state
+(the imported parameters and a fresh optimizer state). ``run_to_hf`` writes a workdir's
+latest parameters back as a Hugging Face directory that ``from_pretrained`` loads.
+
+The name and shape mapping lives in :mod:`jaxlm.interop.hf` (GPT-2 for now). Imported blocks
+are unrolled (``config.model.scan_layers=false``) unless ``--config.model.scan_layers=true``
+is given; both layouts export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from jaxlm import checkpoint, config_lib
+from jaxlm.common_types import CheckpointError, ConfigError, DataError
+from jaxlm.config_lib import Config
+from jaxlm.data import tokenizers, tokenizers_hf
+from jaxlm.interop import hf
+from jaxlm.main import experiment, restore
+from jaxlm.main import workdir as workdir_lib
+from jaxlm.train_state import TrainState
+
+
+def run_from_hf(
+    hf_dir: str, workdir: str, *, overrides: Mapping[str, str] | None = None, stream: TextIO | None = None
+) -> Config:
+    """Import the Hugging Face model in ``hf_dir`` into a new ``workdir``; returns its config.
+
+    ``overrides`` (``{'optim.lr': '1e-4', ...}``) are applied to the config after the model
+    fields taken from ``config.json``; those fields cannot be overridden, but how the model
+    runs can (``model.dtype``, ``param_dtype``, ``attention``, ``remat``, ``scan_layers``,
+    ``dropout_rate``).
+    """
+    stream = stream or sys.stdout
+
+    # ---- Input: refuse a bad directory before anything is read in full or written.
+    if not hf_dir:
+        raise DataError(
+            "--from hf needs the Hugging Face model directory; e.g. jaxlm convert --from hf DIR --workdir OUT"
+        )
+    source = os.path.abspath(os.path.expanduser(hf_dir))
+    if not os.path.isdir(source):
+        raise DataError(f"{hf_dir} is not a directory; give a Hugging Face model directory (save_pretrained)")
+    hf_config = hf.read_config(source)
+    model_fields = hf.model_fields_from_hf(hf_config, os.path.join(hf_dir, hf.CONFIG_FILE))
+    weights_path = hf.weights_file(source)
+
+    # ---- Workdir: never overwrite a checkpoint (nor the input).
+    workdir = workdir_lib.check_path(workdir)
+    if os.path.isdir(workdir) and os.path.samefile(workdir, source):
+        raise CheckpointError(f"--workdir {workdir} is the input directory; convert into a new --workdir")
+    if workdir_lib.has_checkpoint(workdir):
+        raise CheckpointError(f"--workdir {workdir} already has a checkpoint; convert into a new --workdir")
+
+    # ---- Tokenizer: the model's tokenizer.json, else bytes.
+    tokenizer_path = os.path.join(source, hf.TOKENIZER_FILE)
+    tokenizer_name = "hf" if os.path.isfile(tokenizer_path) else "byte"
+    tokenizer = tokenizers.build(tokenizer_name, tokenizer_path if tokenizer_name == "hf" else None)
+    if tokenizer.vocab_size > model_fields["vocab_size"]:
+        where = f"{tokenizer_path} has" if tokenizer_name == "hf" else f"{hf_dir} has no tokenizer.json and bytes need"
+        raise DataError(
+            f"{where} {tokenizer.vocab_size} ids but the model's vocab_size is {model_fields['vocab_size']}; "
+            "put the model's own tokenizer.json beside its config.json"
+        )
+
+    # ---- Config: the defaults, the model from config.json, then the user's overrides.
+    raw = config_lib.base_config()
+    for key, value in model_fields.items():
+        raw.model[key] = value
+    raw.data.tokenizer = tokenizer_name
+    if tokenizer_name == "hf":  # the workdir carries it (saved below); a new run may start from there too
+        raw.data.tokenizer_path = workdir
+    raw.data.seq_len = min(raw.data.seq_len, model_fields["max_len"])
+    config_lib.apply_overrides(raw, dict(overrides or {}))
+    config = config_lib.validate(raw)
+    for key, value in model_fields.items():
+        if key != "dropout_rate" and getattr(config.model, key) != value:
+            raise ConfigError(
+                f"--config.model.{key}={getattr(config.model, key)!r} contradicts {hf.CONFIG_FILE} of {hf_dir} "
+                f"({value!r}); drop that override"
+            )
+    if config.data.tokenizer != tokenizer_name:
+        raise ConfigError(
+            f"--config.data.tokenizer={config.data.tokenizer!r}: the import uses {tokenizer_name!r} "
+            f"({'the model' if tokenizer_name == 'hf' else 'no'} tokenizer.json in {hf_dir}); drop that override"
+        )
+
+    # ---- Weights -> a full train state on the mesh.
+    state_dict = hf.load_state_dict(source)
+    params = hf.params_from_hf(hf_config, state_dict, dataclasses.asdict(config.model), source=weights_path)
+    del state_dict
+    exp = experiment.build(config, tokenizer.vocab_size)
+    params = _match_abstract(params, exp.abstract_state.params)
+    with jax.set_mesh(exp.mesh), nn.logical_axis_rules(exp.rules):
+        params = jax.device_put(params, exp.state_shardings.params)
+        state = jax.jit(lambda p: TrainState.create(p, exp.tx), out_shardings=exp.state_shardings)(params)
+
+    # ---- Write: config and tokenizer, then the checkpoint (whose presence marks a finished import).
+    workdir_lib.write_config(workdir, config)
+    tokenizer.save(workdir)
+    manager = checkpoint.make_manager(workdir, config.checkpoint)
+    checkpoint.save(manager, 0, state, None)
+    manager.wait_until_finished()
+    manager.close()
+    print(
+        f"imported {hf_config.get('model_type')} ({experiment.param_count(exp.abstract_state.params):,} params, "
+        f"tokenizer {tokenizer_name}) from {hf_dir} into {workdir} at step 0",
+        file=stream,
+        flush=True,
+    )
+    return config
+
+
+def run_to_hf(workdir: str, hf_dir: str, *, stream: TextIO | None = None) -> str:
+    """Export the latest parameters of ``workdir`` as a new Hugging Face directory ``hf_dir``.
+
+    Writes ``config.json``, ``model.safetensors`` (tied weights stored once, as
+    ``save_pretrained`` does) and, for an ``hf`` tokenizer, ``tokenizer.json`` with
+    ``special_tokens_map.json``. Returns the absolute output path.
+    """
+    stream = stream or sys.stdout
+
+    # ---- Input and output checks, before the checkpoint is read.
+    workdir = workdir_lib.check_path(workdir, must_exist=True)
+    saved = workdir_lib.saved_config(workdir)
+    if saved is None:
+        raise CheckpointError(f"--workdir {workdir} has no config.json; train or convert there first")
+    config = config_lib.validate(saved)
+    if not hf_dir:
+        raise DataError("--to hf needs an output directory; e.g. jaxlm convert --to hf --workdir OUT DIR")
+    out = os.path.abspath(os.path.expanduser(hf_dir))
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise DataError(f"{hf_dir} already exists and is not an empty directory; give a new output directory")
+    hf.hf_config_from_model(dataclasses.asdict(config.model), {})  # refuses a model GPT-2 cannot hold
+
+    # ---- Restore and map.
+    exp, params, tokenizer, step = restore.open_trained(config, workdir)
+    model = dataclasses.asdict(exp.model_cfg)
+    hf_config = hf.hf_config_from_model(model, tokenizer.special_ids)
+    state_dict = hf.params_to_hf(jax.device_get(params), model)
+
+    # ---- Write into a temporary sibling, then move it into place whole.
+    tmp = f"{out}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        with open(os.path.join(tmp, hf.CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(hf_config, f, indent=2)
+        hf.save_state_dict(state_dict, os.path.join(tmp, hf.SAFETENSORS_FILE))
+        wrote_tokenizer = _export_tokenizer(workdir, tokenizer, tmp)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty, checked above
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f"exported step {step} of {workdir} to {out} as {hf_config['model_type']}"
+        + ("" if wrote_tokenizer else f" (no tokenizer.json: the workdir's tokenizer is {tokenizer.name!r})"),
+        file=stream,
+        flush=True,
+    )
+    return out
+
+
+def _match_abstract(params: Any, abstract: Any) -> Any:
+    """``params`` cast to the abstract state's dtypes, after checking both trees agree."""
+    got = {jax.tree_util.keystr(p): a.shape for p, a in jax.tree_util.tree_flatten_with_path(params)[0]}
+    want = {jax.tree_util.keystr(p): a.shape for p, a in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    if got != want:
+        diff = sorted(set(got) ^ set(want)) or sorted(k for k in got if got[k] != want[k])
+        raise ConfigError(
+            f"the imported weights do not fit config.model (first difference: {diff[0]}); "
+            "drop the --config.model.* overrides that change shapes"
+        )
+    return jax.tree.map(lambda a, s: np.asarray(a, dtype=s.dtype), params, abstract)
+
+
+def _export_tokenizer(workdir: str, tokenizer: tokenizers.Tokenizer, out: str) -> bool:
+    """Copy a Hugging Face tokenizer (and its special-token roles) to ``out``; False for other kinds."""
+    if tokenizer.name != "hf":
+        return False
+    with open(os.path.join(workdir, tokenizers.TOKENIZER_FILE), encoding="utf-8") as f:
+        state = json.load(f)
+    shutil.copyfile(
+        os.path.join(workdir, str(state.get("file", tokenizers_hf.SAVED_FILE))), os.path.join(out, "tokenizer.json")
+    )
+    special = {f"{role}_token": token for role, token in (state.get("special_tokens") or {}).items() if token}
+    with open(os.path.join(out, hf.SPECIAL_TOKENS_FILE), "w", encoding="utf-8") as f:
+        json.dump(special, f, indent=2)
+    return True

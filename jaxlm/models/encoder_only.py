@@ -1,0 +1,180 @@
+"""Encoder-only (BERT-style) model with masked-LM and next-sentence-prediction heads.
+
+Token + position (+ token-type) embeddings, an embedding norm for post-norm (BERT) stacks,
+bidirectional Transformer blocks with a padding mask, a final norm for pre-norm stacks, then:
+
+* masked-LM head (BERT's ``cls.predictions``): dense ``D -> D``, activation
+  (``config.model.activation``; the gate's function for gated names), norm, and the tied token
+  embedding (or an untied ``[D, V]`` kernel) plus an output bias ``[V]``;
+* next-sentence-prediction head: pooler (dense ``D -> D`` + tanh on the first token, BERT's
+  ``[CLS]``) and a 2-way classifier.
+
+Padding: token id 0 (``PAD_ID``) is padding unless ``segment_ids`` is given, in which case
+segment 0 is padding and attention stays within a segment (packed sequences). Padding queries
+attend to nothing and output zeros from attention; their outputs are meaningless and must be
+weighted out of any loss.
+
+Parameter tree and the Hugging Face ``BertForPreTraining`` tensor each maps from
+(``.T`` = transposed; ``[D, N, H]`` = reshape of the transposed ``[D, D]`` weight)::
+
+    token_embed/embedding [V, D]        bert.embeddings.word_embeddings.weight
+    pos_embed/embedding [P, D]          bert.embeddings.position_embeddings.weight
+    type_embed/embedding [2, D]         bert.embeddings.token_type_embeddings.weight
+    embed_norm/{scale, bias}            bert.embeddings.LayerNorm.{weight, bias}
+    blocks/layer_i/attn/query/kernel [D, N, H]   bert.encoder.layer.i.attention.self.query.weight.T
+    blocks/layer_i/attn/query/bias [N, H]        ...attention.self.query.bias   (key, value alike)
+    blocks/layer_i/attn/out/kernel [N, H, D]     ...attention.output.dense.weight.T
+    blocks/layer_i/attn/out/bias [D]             ...attention.output.dense.bias
+    blocks/layer_i/attn_norm/{scale, bias}       ...attention.output.LayerNorm
+    blocks/layer_i/mlp/wi/{kernel, bias}         ...intermediate.dense (weight.T)
+    blocks/layer_i/mlp/wo/{kernel, bias}         ...output.dense (weight.T)
+    blocks/layer_i/mlp_norm/{scale, bias}        ...output.LayerNorm
+    pooler/{kernel, bias}               bert.pooler.dense (weight.T)
+    mlm/transform/{kernel, bias}        cls.predictions.transform.dense (weight.T)
+    mlm/transform_norm/{scale, bias}    cls.predictions.transform.LayerNorm
+    mlm/bias [V]                        cls.predictions.bias
+    mlm/decoder/kernel [D, V]           cls.predictions.decoder.weight.T  (only if untied)
+    nsp/{kernel [D, 2], bias [2]}       cls.seq_relationship (weight.T)
+
+BERT matches ``position='learned'``, ``pre_norm=False``, ``norm='layernorm'``,
+``norm_eps=1e-12``, ``activation='gelu_exact'``, ``use_bias=True``, ``tie_embeddings=True``,
+``type_vocab_size=2`` (see ``configs/bert.py``). With ``scan_layers`` the blocks are stacked as
+``blocks/layers/block/...``.
+
+Shapes: B batch, T length, D model dim, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxlm import logical_axes as ax
+from jaxlm.config_lib import ModelConfig
+from jaxlm.models.transformer import ACT, BlockStack, add_positions, dtypes, norm
+from jaxlm.nn import masks
+from jaxlm.nn.embeddings import Embed, positions_like
+from jaxlm.nn.linears import DenseGeneral, activation
+
+PAD_ID = 0  # the padding id of every jaxlm tokenizer
+
+
+def attention_mask(tokens: jnp.ndarray, segment_ids: jnp.ndarray | None) -> jnp.ndarray:
+    """Bidirectional ``[B, 1, T, T]`` mask: within segments if given, else between non-pad tokens."""
+    if segment_ids is not None:
+        return masks.segment_mask(segment_ids, segment_ids)
+    valid = tokens != PAD_ID
+    return masks.padding_mask(valid, valid)
+
+
+class TypeEmbed(nn.Module):
+    """Token-type (segment A/B) embedding table ``[type_vocab_size, D]``, replicated on its small first axis."""
+
+    num_types: int
+    features: int
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self) -> jnp.ndarray:
+        """The ``[type_vocab_size, D]`` table."""
+        return self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), (None, ax.EMBED)),
+            (self.num_types, self.features),
+            self.param_dtype,
+        )
+
+
+class MlmHead(nn.Module):
+    """BERT's masked-LM head: dense, activation, norm, then tied (or own) decoder plus a bias."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, embedding: jnp.ndarray | None) -> jnp.ndarray:
+        """``[B, T, D]`` and the ``[V, D]`` token embedding (None: untied) -> ``[B, T, V]`` float32."""
+        cfg = self.cfg
+        dt, pdt = dtypes(cfg)
+        h = DenseGeneral(
+            (cfg.embed_dim,), (ax.EMBED, ax.MLP), use_bias=cfg.use_bias, dtype=dt, param_dtype=pdt, name="transform"
+        )(x)
+        h = activation(cfg.activation)(h)
+        h = norm(cfg, "transform_norm")(h)
+        if embedding is None:
+            logits = DenseGeneral(
+                (cfg.vocab_size,), (ax.EMBED, ax.VOCAB), use_bias=False, dtype=dt, param_dtype=pdt, name="decoder"
+            )(h).astype(jnp.float32)
+        else:
+            logits = jnp.einsum("btd,vd->btv", h.astype(dt), embedding.astype(dt), preferred_element_type=jnp.float32)
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros, (ax.VOCAB,)), (cfg.vocab_size,), pdt
+        )
+        return logits + bias.astype(jnp.float32)
+
+
+class EncoderOnly(nn.Module):
+    """BERT: embeddings, bidirectional blocks, masked-LM and next-sentence heads."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jnp.ndarray,
+        *,
+        token_types: jnp.ndarray | None = None,
+        positions: jnp.ndarray | None = None,
+        segment_ids: jnp.ndarray | None = None,
+        deterministic: bool = True,
+    ) -> dict[str, jnp.ndarray]:
+        """Encode ``tokens [B, T]``.
+
+        Args:
+          tokens: token ids; id 0 is padding unless ``segment_ids`` is given.
+          token_types: ``[B, T]`` sentence A/B ids (0 / 1), default all 0; used when
+            ``config.model.type_vocab_size > 0``.
+          positions: ``[B, T]`` positions (default ``0..T-1``; packed sequences restart them).
+          segment_ids: ``[B, T]`` packed-sequence ids, 0 = padding.
+          deterministic: disables dropout.
+
+        Returns:
+          ``mlm_logits [B, T, V]`` (float32), ``nsp_logits [B, 2]`` (float32), ``pooled [B, D]``
+          (the pooler output), ``hidden [B, T, D]`` (the encoder output).
+        """
+        cfg = self.cfg
+        dt, pdt = dtypes(cfg)
+        if positions is None:
+            positions = positions_like(tokens)
+        embed = Embed(cfg.vocab_size, cfg.embed_dim, dtype=dt, param_dtype=pdt, name="token_embed")
+        x = add_positions(cfg, embed(tokens), positions)
+        if cfg.type_vocab_size:
+            table = TypeEmbed(cfg.type_vocab_size, cfg.embed_dim, param_dtype=pdt, name="type_embed")()
+            types = jnp.zeros_like(tokens) if token_types is None else token_types
+            x = x + jnp.take(table, types, axis=0).astype(dt)
+        if not cfg.pre_norm:
+            x = norm(cfg, "embed_norm")(x)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        x = nn.with_logical_constraint(x, ACT)
+
+        x = BlockStack(cfg, cfg.num_layers, causal=False, name="blocks")(
+            x, positions=positions, mask=attention_mask(tokens, segment_ids), deterministic=deterministic
+        )
+        if cfg.pre_norm:
+            x = norm(cfg, "final_norm")(x)
+        hidden = nn.with_logical_constraint(x, ACT)
+
+        mlm_logits = MlmHead(cfg, name="mlm")(hidden, None if not cfg.tie_embeddings else embed.embedding)
+        mlm_logits = nn.with_logical_constraint(mlm_logits, (ax.ACT_BATCH, ax.ACT_LENGTH, ax.ACT_VOCAB))
+        pooled = DenseGeneral(
+            (cfg.embed_dim,), (ax.EMBED, ax.MLP), use_bias=cfg.use_bias, dtype=dt, param_dtype=pdt, name="pooler"
+        )(hidden[:, 0])
+        pooled = nn.with_logical_constraint(jnp.tanh(pooled), (ax.ACT_BATCH, ax.ACT_EMBED))
+        nsp_logits = DenseGeneral((2,), (ax.EMBED, None), dtype=dt, param_dtype=pdt, name="nsp")(pooled)
+        return {
+            "mlm_logits": mlm_logits,
+            "nsp_logits": nsp_logits.astype(jnp.float32),
+            "pooled": pooled,
+            "hidden": hidden,
+        }
