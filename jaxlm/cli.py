@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--coordinator_address", default=None, help="multi-host: HOST:PORT of process 0")
     train.add_argument("--num_processes", type=int, default=None, help="multi-host: number of processes")
     train.add_argument("--process_id", type=int, default=None, help="multi-host: index of this process")
+    train.add_argument(
+        "--distributed_timeout_s", type=float, default=300.0, help="multi-host: seconds to wait for all processes"
+    )
 
     ev = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir")
     common(ev, config_required=False)
@@ -90,15 +93,11 @@ def load_config(args: argparse.Namespace, overrides: dict[str, str], *, required
 
 
 def _maybe_init_distributed(args: argparse.Namespace) -> None:
-    flags = (args.coordinator_address, args.num_processes, args.process_id)
-    if all(f is None for f in flags):
-        return
-    if any(f is None for f in flags):
-        raise UserError("--coordinator_address, --num_processes and --process_id must be given together")
-    import jax
+    """Join the other processes: from the flags, else SLURM / TPU VM environments, else alone."""
+    from jaxlm import distributed
 
-    jax.distributed.initialize(
-        coordinator_address=args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id
+    distributed.initialize(
+        args.coordinator_address, args.num_processes, args.process_id, timeout_s=args.distributed_timeout_s
     )
 
 

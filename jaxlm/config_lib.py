@@ -104,6 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.batch_size = 16  # global batch, across all devices and hosts
     c.data.objective = "causal_lm"
     c.data.seed = 0
+    # Shards the training documents are split into, fixed for a run so its batches do not
+    # depend on the process count (0: one per process of the first run; a resumed run keeps it).
+    c.data.num_shards = 0
     c.data.document = "file"  # what one document is: a file, a line, or a blank-line paragraph
     c.data.eval_fraction = 0.05  # share of documents (or of a single document) held out
     c.data.synthetic = ml_collections.ConfigDict()
@@ -338,6 +341,7 @@ class DataConfig:
     batch_size: int
     objective: str
     seed: int
+    num_shards: int
     document: str
     eval_fraction: float
     synthetic: SyntheticConfig
@@ -558,6 +562,12 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Config:
         d.seq_len <= m.max_len,
         f"config.data.seq_len={d.seq_len} exceeds config.model.max_len={m.max_len}; raise max_len or lower seq_len",
     )
+    _check(d.num_shards >= 0, "config.data.num_shards must be >= 0 (0 = one per process)")
+    if d.num_shards:
+        _check(
+            d.batch_size % d.num_shards == 0,
+            f"config.data.num_shards={d.num_shards} must divide config.data.batch_size={d.batch_size}",
+        )
     _check(d.batch_size > 0, f"config.data.batch_size={d.batch_size} must be > 0")
     _check(
         0.0 <= d.eval_fraction < 1.0,

@@ -160,3 +160,24 @@ def test_info_prints_counts_flops_and_axes():
     assert total == sum(int(line.split()[-1].replace(",", "")) for line in modules) > 0
     assert "FLOPs per token" in result.stdout
     assert "(vocab, embed)" in result.stdout and "(embed, heads, head_dim)" in result.stdout
+
+
+def test_unreachable_coordinator_is_a_one_line_error(tmp_path, text_corpus):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = jaxlm(
+        "train",
+        *_tiny(tmp_path / "w", tmp_path / "d", text_corpus),
+        "--coordinator_address",
+        f"127.0.0.1:{port}",
+        "--num_processes",
+        "2",
+        "--process_id",
+        "1",
+        "--distributed_timeout_s",
+        "5",
+    )
+    _assert_one_line_error(result, "coordinator")

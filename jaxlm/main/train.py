@@ -16,7 +16,8 @@ import numpy as np
 from jaxlm import checkpoint, optim, sharding
 from jaxlm.common_types import ConfigError, UserError
 from jaxlm.config_lib import Config
-from jaxlm.data import pipeline, sources
+from jaxlm.data import hosts, pipeline, sources
+from jaxlm.main import data_state as data_state_lib
 from jaxlm.main import experiment, preempt
 from jaxlm.main import workdir as workdir_lib
 from jaxlm.metric_writer import MetricWriter
@@ -26,6 +27,30 @@ from jaxlm.steps import lm, objectives
 
 class NonFiniteError(UserError):
     """Training produced non-finite losses or gradients more often than the policy allows."""
+
+
+def _shard_dataset(shard: int, num_shards: int, rows: int, *, config: Config, source: Any, tokenizer: Any) -> Any:
+    """The training batches of one data shard (``rows`` per batch)."""
+    return pipeline.objective_builder(config.data.objective)(
+        source,
+        tokenizer,
+        seq_len=config.data.seq_len,
+        batch_size=rows,
+        seed=config.data.seed,
+        shuffle=True,
+        shard_index=shard,
+        shard_count=num_shards,
+    )
+
+
+def _data_iterator(build_shard: Any, num_shards: int, config: Config) -> hosts.ShardedBatches:
+    return hosts.ShardedBatches(
+        build_shard,
+        num_shards=num_shards,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        global_batch=config.data.batch_size,
+    )
 
 
 def global_batch_spec(ds: Any, global_batch: int, exp: experiment.Experiment) -> dict[str, jax.ShapeDtypeStruct]:
@@ -76,23 +101,18 @@ def run(config: Config, workdir: str, *, stop_at: int | None = None, stream: Tex
     workdir = workdir_lib.check_path(workdir)
     workdir_lib.check_compatible(workdir, config)
 
-    # ---- Data.
+    # ---- Data. Process 0 prepares the dataset first, so processes sharing a filesystem do
+    # not write the same files at once; the others then open what it wrote.
+    if jax.process_count() > 1 and not lead:
+        _barrier("jaxlm:data-prepared")
     split_sources = sources.open_sources(config.data)
+    if jax.process_count() > 1 and lead:
+        _barrier("jaxlm:data-prepared")
     tokenizer = workdir_lib.open_tokenizer(config, workdir, split_sources["train"])
     processes = jax.process_count()
     if config.data.batch_size % processes:
         raise ConfigError(f"config.data.batch_size={config.data.batch_size} must be divisible by {processes} processes")
-    host_batch = config.data.batch_size // processes
-    train_ds = pipeline.objective_builder(config.data.objective)(
-        split_sources["train"],
-        tokenizer,
-        seq_len=config.data.seq_len,
-        batch_size=host_batch,
-        seed=config.data.seed,
-        shuffle=True,
-        shard_index=jax.process_index(),
-        shard_count=processes,
-    )
+    build_shard = functools.partial(_shard_dataset, config=config, source=split_sources["train"], tokenizer=tokenizer)
 
     # ---- Mesh, model, optimizer, abstract sharded state.
     exp = experiment.build(config, experiment.model_vocab_size(config, tokenizer.vocab_size))
@@ -103,26 +123,29 @@ def run(config: Config, workdir: str, *, stop_at: int | None = None, stream: Tex
             f"x config.optim.grad_accum_steps={config.optim.grad_accum_steps}"
         )
 
+    # Shapes of a global batch, read off one batch of a throwaway pipeline.
+    abstract_batch = global_batch_spec(build_shard(0, 1, config.data.batch_size), config.data.batch_size, exp)
+
     # ---- State: restore the latest checkpoint, else initialize directly sharded.
     manager = checkpoint.make_manager(workdir, config.checkpoint)
-    data_iter = iter(train_ds)
     restored = checkpoint.restore_latest_good(
         manager, exp.abstract_state, log=lambda m: print(m, file=sys.stderr, flush=True)
     )
     if restored is not None:
-        start, state, data_state = restored
-        if data_state:
-            data_iter.set_state(data_state)
+        start, state, saved_data = restored
+        data_iter = _data_iterator(build_shard, data_state_lib.num_shards(saved_data, config.data.num_shards), config)
+        if saved_data:
+            data_iter.set_state(saved_data)
         print(f"resumed from {workdir} at step {start}", file=stream, flush=True)
     else:
         start = 0
         state = experiment.init_state(exp, config.seed)
+        data_iter = _data_iterator(build_shard, data_state_lib.num_shards(None, config.data.num_shards), config)
     if lead:
         workdir_lib.write_config(workdir, config)
         tokenizer.save(workdir)
 
     # ---- Compile the step with explicit shardings; the state buffers are donated.
-    abstract_batch = global_batch_spec(train_ds, config.data.batch_size, exp)
     batch_shardings = {k: v.sharding for k, v in abstract_batch.items()}
     repl = sharding.replicated(exp.mesh)
     objective = objectives.LOSSES[exp.model_cfg.kind]
@@ -201,7 +224,7 @@ def run(config: Config, workdir: str, *, stop_at: int | None = None, stream: Tex
                 pending, interval_start, interval_steps = [], time.perf_counter(), 0
                 nonfinite_run = _check_numerics(fetched, step, nonfinite_run, config)
             if stopping:
-                checkpoint.save(manager, step, state, data_iter.get_state())
+                checkpoint.save(manager, step, state, data_state_lib.gather(data_iter.get_state()))
                 print(f"preempted: saved step {step}; rerun the same command to resume", file=stream, flush=True)
                 break
             if config.train.eval_every and step % config.train.eval_every == 0 and step != end:
@@ -210,7 +233,7 @@ def run(config: Config, workdir: str, *, stop_at: int | None = None, stream: Tex
                 )
                 interval_start = time.perf_counter()
             if step % config.checkpoint.every_steps == 0 or step == end:
-                checkpoint.save(manager, step, state, data_iter.get_state())
+                checkpoint.save(manager, step, state, data_state_lib.gather(data_iter.get_state()))
         final = (
             None
             if preemption.triggered
@@ -236,6 +259,12 @@ class _NoProgress:
 
     def close(self) -> None:
         pass
+
+
+def _barrier(name: str) -> None:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 def _check_numerics(fetched: list[dict[str, Any]], step: int, run: int, config: Config) -> int:
