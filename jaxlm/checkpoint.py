@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from typing import Any
@@ -29,6 +30,8 @@ def make_manager(workdir: str, cfg: CheckpointConfig, *, read_only: bool = False
 # Fault injection for the crash tests: SIGKILL this process right after the save of this
 # step has started, i.e. while the asynchronous write is still in flight.
 KILL_DURING_SAVE_ENV = "JAXLM_FAULT_KILL_DURING_SAVE"
+# Fault injection: the save of this step fails as a full disk would.
+DISK_FULL_AT_SAVE_ENV = "JAXLM_FAULT_DISK_FULL_AT_SAVE"
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict | None) -> None:
@@ -38,6 +41,8 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict
     moment leaves either the whole checkpoint or none; older checkpoints are deleted only
     after a newer one is complete.
     """
+    if os.environ.get(DISK_FULL_AT_SAVE_ENV) == str(step):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(str(manager.directory), str(step)))
     items = {"state": ocp.args.StandardSave(state)}
     items["data"] = ocp.args.JsonSave(data_state or {})
     manager.save(step, args=ocp.args.Composite(**items))

@@ -7,6 +7,7 @@ Every error a user can cause (config, data, paths, flags) is printed as one line
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Sequence
@@ -16,6 +17,8 @@ from jaxlm import config_lib
 from jaxlm.common_types import ConfigError, UserError
 
 EXIT_USER_ERROR = 2
+# OS errors that are the machine's state, not a bug: reported as one line like user errors.
+ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -144,17 +147,28 @@ def run(argv: Sequence[str]) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> NoReturn:
-    """Console entry point."""
-    argv = sys.argv[1:] if argv is None else argv
+def execute(argv: Sequence[str]) -> int:
+    """Run ``argv`` and return the exit status, printing a user error as one line on stderr."""
     try:
-        status = run(argv)
+        return run(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        status = EXIT_USER_ERROR
+        return EXIT_USER_ERROR
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        # Out of disk space or a permission lost mid-run: name the file, no traceback.
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}; free space or fix permissions, then rerun to resume", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        status = 130
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Console entry point."""
+    status = execute(sys.argv[1:] if argv is None else argv)
     sys.stdout.flush()
     sys.stderr.flush()
     # Skip interpreter teardown: background threads of prefetchers and async checkpointers
