@@ -139,6 +139,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.progress = True  # progress bar on stderr
     # A step whose loss or gradients are not finite never updates the state. 'skip' carries on
     # and stops after max_nonfinite_steps such steps in a row; 'stop' stops at the first one.
+    # JAX's persistent compilation cache, so a restarted run skips most compilation
+    # ('' = ~/.cache/jaxlm/xla; 'none' disables it).
+    c.train.compile_cache_dir = ""
     c.train.nonfinite_policy = "skip"
     c.train.max_nonfinite_steps = 10
 
@@ -374,6 +377,7 @@ class TrainConfig:
     eval_steps: int
     peak_flops: float
     progress: bool
+    compile_cache_dir: str
     nonfinite_policy: str
     max_nonfinite_steps: int
 

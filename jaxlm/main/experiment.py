@@ -9,6 +9,7 @@ whose ``out_shardings`` place every shard directly.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -36,6 +37,22 @@ class Experiment:
     rules: sharding.Rules
     abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
     state_shardings: TrainState
+
+
+def enable_compile_cache(directory: str) -> str | None:
+    """Turn on JAX's persistent compilation cache in ``directory`` ('' = default, 'none' = off).
+
+    Every compiled program is cached (no minimum compile time or size), so a resumed run's
+    first step compiles from the cache. Returns the directory used.
+    """
+    if directory == "none":
+        return None
+    path = os.path.expanduser(directory or os.path.join("~", ".cache", "jaxlm", "xla"))
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
 
 
 def model_vocab_size(config: Config, tokenizer_vocab: int) -> int:

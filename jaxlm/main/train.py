@@ -145,7 +145,8 @@ def run(config: Config, workdir: str, *, stop_at: int | None = None, stream: Tex
         workdir_lib.write_config(workdir, config)
         tokenizer.save(workdir)
 
-    # ---- Compile the step with explicit shardings; the state buffers are donated.
+    # ---- Compile the step with explicit shardings (from the persistent cache when a previous
+    # run compiled it); the state buffers are donated.
     batch_shardings = {k: v.sharding for k, v in abstract_batch.items()}
     repl = sharding.replicated(exp.mesh)
     objective = objectives.LOSSES[exp.model_cfg.kind]
@@ -157,6 +158,7 @@ def run(config: Config, workdir: str, *, stop_at: int | None = None, stream: Tex
         functools.partial(lm.eval_step, model=exp.model, objective=objective),
         in_shardings=(exp.state_shardings.params, batch_shardings),
     )
+    experiment.enable_compile_cache(config.train.compile_cache_dir)
     t0 = time.perf_counter()
     with jax.set_mesh(exp.mesh), nn.logical_axis_rules(exp.rules):
         train_step = (
