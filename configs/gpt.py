@@ -1,6 +1,6 @@
 """GPT-style decoder-only language model on the built-in corpus (or your files).
 
-Train the demo model (about 5 minutes on 2 CPU cores):
+Train the demo model (a few minutes on 2 CPU cores):
 
     jaxlm train --config configs/gpt.py:size=small --workdir runs/gpt-small
 
@@ -14,7 +14,7 @@ from jaxlm import config_lib
 SIZES = {
     # name: (num_layers, num_heads, embed_dim, mlp_dim, seq_len, batch_size, num_steps, lr, warmup)
     "tiny": (2, 4, 64, 256, 64, 8, 100, 3e-3, 10),
-    "small": (4, 4, 128, 512, 128, 16, 3000, 2e-3, 100),
+    "small": (4, 4, 128, 512, 128, 16, 2000, 2e-3, 100),
     "base": (12, 12, 768, 3072, 1024, 64, 100_000, 6e-4, 2000),
 }
 
