@@ -177,9 +177,8 @@ class EncoderDecoder(nn.Module):
             inputs_positions = positions_like(inputs)
         if inputs_segment_ids is not None:
             mask = masks.segment_mask(inputs_segment_ids, inputs_segment_ids)
-        else:
-            valid = _valid(inputs, None)
-            mask = masks.padding_mask(valid, valid)
+        else:  # mask padding keys only, as T5 does
+            mask = _valid(inputs, None)[:, None, None, :]
         return self.encoder(self.token_embed(inputs), inputs_positions, mask, deterministic=deterministic)
 
     def decode(

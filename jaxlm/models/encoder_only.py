@@ -10,9 +10,10 @@ bidirectional Transformer blocks with a padding mask, a final norm for pre-norm 
   ``[CLS]``) and a 2-way classifier.
 
 Padding: token id 0 (``PAD_ID``) is padding unless ``segment_ids`` is given, in which case
-segment 0 is padding and attention stays within a segment (packed sequences). Padding queries
-attend to nothing and output zeros from attention; their outputs are meaningless and must be
-weighted out of any loss.
+segment 0 is padding and attention stays within a segment (packed sequences). Without
+segment ids only padding keys are masked (as Hugging Face BERT does), so every position,
+padding included, matches it; outputs at padding positions are meaningless either way and
+must be weighted out of any loss.
 
 Parameter tree and the Hugging Face ``BertForPreTraining`` tensor each maps from
 (``.T`` = transposed; ``[D, N, H]`` = reshape of the transposed ``[D, D]`` weight)::
@@ -62,11 +63,10 @@ PAD_ID = 0  # the padding id of every jaxlm tokenizer
 
 
 def attention_mask(tokens: jnp.ndarray, segment_ids: jnp.ndarray | None) -> jnp.ndarray:
-    """Bidirectional ``[B, 1, T, T]`` mask: within segments if given, else between non-pad tokens."""
+    """Bidirectional mask: ``[B, 1, T, T]`` within segments if given, else ``[B, 1, 1, T]`` non-pad keys."""
     if segment_ids is not None:
         return masks.segment_mask(segment_ids, segment_ids)
-    valid = tokens != PAD_ID
-    return masks.padding_mask(valid, valid)
+    return (tokens != PAD_ID)[:, None, None, :]
 
 
 class TypeEmbed(nn.Module):

@@ -143,15 +143,72 @@ def test_flops_per_token_by_hand():
 def test_bert_config_builds():
     for size in ("tiny", "small", "base"):
         c = config_lib.load_config_file(os.path.join(REPO, "configs", "bert.py") + f":size={size}")
-        assert c.model.kind == "encoder_only" and c.data.objective == "masked_lm"
-    if c.data.objective not in config_lib.CHOICES["data.objective"]:  # until the objective is registered
-        c.data.objective = "causal_lm"
-    cfg = config_lib.validate(c).model
+        cfg = config_lib.validate(c).model
+        assert cfg.kind == "encoder_only" and c.data.objective == "masked_lm"
+        if size == "tiny":
+            model = models.build(cfg, vocab_size=40)
+            shapes = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), TOKENS))
+            assert shapes["params"]["type_embed"]["embedding"].value.shape == (2, 64)
     assert (cfg.num_layers, cfg.num_heads, cfg.embed_dim, cfg.mlp_dim, cfg.max_len) == (12, 12, 768, 3072, 512)
-    tiny = config_lib.load_config_file(os.path.join(REPO, "configs", "bert.py") + ":size=tiny")
-    tiny.data.objective = (
-        "causal_lm" if tiny.data.objective not in config_lib.CHOICES["data.objective"] else "masked_lm"
+
+
+def test_matches_hugging_face_bert():
+    # The parameter mapping in jaxlm/models/encoder_only.py's docstring, checked end to end.
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    d, n, h = 16, 4, 4
+    config = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=d,
+        num_hidden_layers=2,
+        num_attention_heads=n,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        hidden_act="gelu",
+        layer_norm_eps=1e-12,
+        attn_implementation="eager",
     )
-    model = models.build(config_lib.validate(tiny).model, vocab_size=40)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), TOKENS))
-    assert shapes["params"]["type_embed"]["embedding"].value.shape == (2, 64)
+    torch.manual_seed(0)
+    hf = transformers.BertForPreTraining(config).eval()
+    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+
+    def dense(name, shape=None, bias_shape=None):
+        kernel, bias = sd[name + ".weight"].T, sd[name + ".bias"]
+        return {"kernel": kernel.reshape(shape or kernel.shape), "bias": bias.reshape(bias_shape or bias.shape)}
+
+    def norm(name):
+        return {"scale": sd[name + ".weight"], "bias": sd[name + ".bias"]}
+
+    def layer(pre):
+        attn = {k: dense(pre + "attention.self." + k, (d, n, h), (n, h)) for k in ("query", "key", "value")}
+        attn["out"] = dense(pre + "attention.output.dense", (n, h, d))
+        return {
+            "attn": attn,
+            "attn_norm": norm(pre + "attention.output.LayerNorm"),
+            "mlp": {"wi": dense(pre + "intermediate.dense"), "wo": dense(pre + "output.dense")},
+            "mlp_norm": norm(pre + "output.LayerNorm"),
+        }
+
+    params = {
+        "token_embed": {"embedding": sd["bert.embeddings.word_embeddings.weight"]},
+        "pos_embed": {"embedding": sd["bert.embeddings.position_embeddings.weight"]},
+        "type_embed": {"embedding": sd["bert.embeddings.token_type_embeddings.weight"]},
+        "embed_norm": norm("bert.embeddings.LayerNorm"),
+        "blocks": {f"layer_{i}": layer(f"bert.encoder.layer.{i}.") for i in range(2)},
+        "pooler": dense("bert.pooler.dense"),
+        "mlm": {
+            "transform": dense("cls.predictions.transform.dense"),
+            "transform_norm": norm("cls.predictions.transform.LayerNorm"),
+            "bias": sd["cls.predictions.bias"],
+        },
+        "nsp": dense("cls.seq_relationship"),
+    }
+    tokens = np.array([[2, 5, 7, 9, 11, 3, 0, 0], [2, 8, 6, 4, 3, 12, 13, 3]])
+    types = np.array([[0] * 8, [0] * 5 + [1] * 3])
+    ours = models.build(_cfg()).apply({"params": params}, tokens, token_types=types)
+    with torch.no_grad():
+        want = hf(
+            input_ids=torch.tensor(tokens), token_type_ids=torch.tensor(types), attention_mask=torch.tensor(tokens != 0)
+        )
+    np.testing.assert_allclose(ours["mlm_logits"], want.prediction_logits.numpy(), atol=2e-5)
+    np.testing.assert_allclose(ours["nsp_logits"], want.seq_relationship_logits.numpy(), atol=2e-5)
