@@ -39,9 +39,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.remat": ("none", "full", "dots"),
     "data.source": ("builtin", "files", "tfds", "synthetic"),
     "data.tokenizer": ("byte", "char", "sentencepiece_unigram", "sentencepiece_bpe", "hf"),
-    "data.objective": ("causal_lm", "masked_lm", "nsp", "span_corruption"),
+    "data.objective": ("causal_lm", "masked_lm", "nsp", "span_corruption", "seq2seq"),
     "data.document": ("file", "line", "paragraph"),
-    "data.synthetic.kind": ("markov",),
+    "data.synthetic.kind": ("markov", "copy", "reverse"),
+    "data.format": ("auto", "text", "jsonl", "csv", "tsv"),
+    "data.on_decode_error": ("replace", "error"),
+    "data.long_documents": ("split", "truncate"),
+    "data.packing": ("concat", "first_fit", "best_fit"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.nonfinite_policy": ("skip", "stop"),
 }
@@ -53,6 +57,7 @@ OBJECTIVE_KINDS: dict[str, tuple[str, ...]] = {
     "masked_lm": ("encoder_only",),
     "nsp": ("encoder_only",),
     "span_corruption": ("encoder_decoder",),
+    "seq2seq": ("encoder_decoder",),
 }
 
 
@@ -109,6 +114,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_shards = 0
     c.data.document = "file"  # what one document is: a file, a line, or a blank-line paragraph
     c.data.eval_fraction = 0.05  # share of documents (or of a single document) held out
+    c.data.format = "auto"  # format of data.files: auto (by extension), text, jsonl, csv, tsv
+    c.data.fields = ""  # record fields, e.g. 'text=review_body,label=stars' ('' = as in the files / catalog)
+    c.data.on_decode_error = "replace"  # invalid UTF-8: replace (with a warning naming file and offset) or error
+    # causal_lm: 'concat' cuts the concatenated stream into rows (documents cross rows);
+    # 'first_fit' / 'best_fit' pack whole documents with segment ids, attention never crossing them.
+    c.data.packing = "concat"
+    c.data.long_documents = "split"  # documents longer than seq_len: split into pieces or truncate
+    c.data.train_split = ""  # source='tfds': split to train on ('' = the catalog's, e.g. 'train[:10%]')
+    c.data.eval_split = ""  # source='tfds': split to evaluate on ('' = the catalog's)
+    c.data.download = False  # source='tfds': allow downloading and preparing a missing dataset
     c.data.synthetic = ml_collections.ConfigDict()
     c.data.synthetic.kind = "markov"
     c.data.synthetic.vocab_size = 16
@@ -116,6 +131,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.synthetic.num_train_tokens = 1_000_000
     c.data.synthetic.num_eval_tokens = 100_000
     c.data.synthetic.seed = 0
+    c.data.synthetic.min_len = 8  # copy / reverse: source length range
+    c.data.synthetic.max_len = 32
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3
@@ -326,6 +343,8 @@ class SyntheticConfig:
     num_train_tokens: int
     num_eval_tokens: int
     seed: int
+    min_len: int
+    max_len: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,6 +366,14 @@ class DataConfig:
     num_shards: int
     document: str
     eval_fraction: float
+    format: str
+    fields: str
+    on_decode_error: str
+    packing: str
+    long_documents: str
+    train_split: str
+    eval_split: str
+    download: bool
     synthetic: SyntheticConfig
 
 

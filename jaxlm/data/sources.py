@@ -1,10 +1,21 @@
-"""Text sources: the user's files, the built-in corpus, and synthetic data of known statistics.
+"""Sources of records: the user's files, tfds catalog datasets, the built-in corpus, and synthetic data.
 
-Local files (and the built-in corpus, which is the running Python's standard library source)
-go through one tensorflow-datasets builder, :class:`TextFiles`, prepared once as
-``array_record`` under ``config.data.data_dir`` and read back with random access, so
-TensorFlow is not needed. Splitting into train and validation is deterministic: by document
-(a hash of its file path and index), or by position when the corpus is a single document.
+:func:`open_sources` turns ``config.data`` into ``{'train': ..., 'validation': ...}``
+random-access sources of dict records (``{'text': bytes}`` for plain text; the named fields
+for JSONL/CSV files and catalog datasets; ``source``/``target``/``text`` for the synthetic
+sequence tasks):
+
+``files`` / ``builtin``
+    Local files (:mod:`jaxlm.data.local_files`), and the built-in corpus (the running
+    Python's standard library source), prepared once as ``array_record`` through one tfds
+    builder and read back with random access, so TensorFlow is not needed. The split into
+    train and validation is deterministic.
+``tfds``
+    A catalog dataset by name (:mod:`jaxlm.data.catalog`) from ``config.data.data_dir``.
+``synthetic``
+    Data of known statistics, in memory: a Markov chain of known entropy rate
+    (``kind='markov'``: :func:`markov_chain`, :func:`markov_entropy_rate`) or the copy and
+    reverse tasks (:func:`sequence_task_records`).
 """
 
 from __future__ import annotations
@@ -12,22 +23,26 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import logging
 import os
 import sysconfig
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
 from jaxlm.common_types import DataError
 from jaxlm.config_lib import DataConfig
-
-VALIDATION_BUCKETS = 10_000
+from jaxlm.data import catalog
+from jaxlm.data.local_files import DECODE_ERRORS, Record, Spec, detect_format, import_tfds, parse_fields, split_records
+from jaxlm.data.local_files import VALIDATION_BUCKETS as VALIDATION_BUCKETS
+from jaxlm.data.local_files import default_data_dir as default_data_dir
+from jaxlm.data.local_files import split_corpus as split_corpus
+from jaxlm.data.local_files import split_documents as split_documents
+from jaxlm.data.packing import check_choice
 
 
 class TextSource(Protocol):
-    """Random-access sequence of ``{'text': bytes}`` records (what tfds data sources are)."""
+    """Random-access sequence of dict records, ``{'text': bytes}`` for plain text (what tfds data sources are)."""
 
     def __len__(self) -> int: ...
 
@@ -47,9 +62,31 @@ class ListSource:
         return {"text": self._texts[index]}
 
 
-def default_data_dir() -> str:
-    """Where prepared datasets are cached when ``config.data.data_dir`` is empty."""
-    return os.path.join(os.path.expanduser("~"), ".cache", "jaxlm", "datasets")
+class RecordSource:
+    """A :class:`TextSource` over dict records held in memory (strings are stored as UTF-8 bytes, as tfds does)."""
+
+    def __init__(self, records: Sequence[Mapping[str, Any]]) -> None:
+        self._records = [{k: v.encode("utf-8") if isinstance(v, str) else v for k, v in r.items()} for r in records]
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return dict(self._records[index])
+
+
+def record_texts(source: TextSource) -> Iterator[str]:
+    """Every text of every record: each string field, and lists of strings joined by spaces (to train a tokenizer)."""
+    for i in range(len(source)):
+        for value in source[i].values():
+            if isinstance(value, np.ndarray):
+                value = value.tolist()
+            if isinstance(value, list | tuple) and value and all(isinstance(v, str | bytes) for v in value):
+                value = " ".join(v.decode("utf-8", errors="replace") if isinstance(v, bytes) else v for v in value)
+            if isinstance(value, bytes):
+                value = value.decode("utf-8", errors="replace")
+            if isinstance(value, str):
+                yield value
 
 
 def builtin_files() -> list[str]:
@@ -73,129 +110,90 @@ def expand_globs(patterns: str, field: str) -> list[str]:
     return sorted(files)
 
 
-def split_documents(text: str, document: str) -> list[str]:
-    """Cut one file's text into documents: the whole file, each line, or each paragraph."""
-    if document == "file":
-        parts = [text]
-    elif document == "line":
-        parts = text.splitlines()
-    elif document == "paragraph":
-        parts = [p for p in text.replace("\r\n", "\n").split("\n\n")]
-    else:
-        raise DataError(f"config.data.document={document!r} is not one of: file, line, paragraph")
-    return [p for p in parts if p.strip()]
+# ----------------------------------------------------------------------------- local files through tfds
 
 
-def _read(path: str) -> str:
-    with open(path, "rb") as f:
-        data = f.read()
-    return data.decode("utf-8", errors="replace")
+def _feature(tfds: Any, spec: Spec) -> Any:
+    if spec == "text":
+        return tfds.features.Text()
+    if spec == "int":
+        return tfds.features.Scalar(np.int64)
+    if spec == "float":
+        return tfds.features.Scalar(np.float32)
+    if isinstance(spec, list):
+        return tfds.features.Sequence(_feature(tfds, spec[0] or "text"))
+    return tfds.features.FeaturesDict({k: _feature(tfds, v) for k, v in spec.items()})
 
 
-def _bucket(key: str) -> int:
-    digest = hashlib.sha256(key.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little") % VALIDATION_BUCKETS
-
-
-def _position_split(text: str, fraction: float) -> tuple[str, str]:
-    """Hold out the last ``fraction`` of one document, cut at a line break when possible."""
-    cut = int(len(text) * (1.0 - fraction))
-    newline = text.rfind("\n", 0, cut)
-    if newline > len(text) // 2:
-        cut = newline + 1
-    return text[:cut], text[cut:]
-
-
-def split_corpus(
-    files: Sequence[str], document: str, eval_fraction: float, eval_files: Sequence[str] = ()
-) -> dict[str, list[str]]:
-    """Read files and split their documents into ``{'train': [...], 'validation': [...]}``."""
-    docs: list[tuple[str, str]] = []
-    empty = 0
-    for path in files:
-        parts = split_documents(_read(path), document)
-        empty += not parts
-        docs.extend((f"{path}:{i}", p) for i, p in enumerate(parts))
-    if not docs:
-        raise DataError(
-            f"config.data.files: all {len(files)} matched files are empty; point it at text files with content"
-        )
-    if eval_files:
-        validation = [p for path in eval_files for p in split_documents(_read(path), document)]
-        if not validation:
-            raise DataError("config.data.eval_files: the matched files are empty; point it at text files")
-        return {"train": [d for _, d in docs], "validation": validation}
-    if len(docs) == 1:
-        train, validation = _position_split(docs[0][1], max(eval_fraction, 1e-3))
-        return {"train": [train], "validation": [validation] if validation.strip() else [train[-1000:]]}
-    threshold = int(eval_fraction * VALIDATION_BUCKETS)
-    keyed = sorted(docs, key=lambda kd: _bucket(kd[0]))
-    validation = [d for k, d in keyed if _bucket(k) < threshold]
-    train = [d for k, d in keyed if _bucket(k) >= threshold]
-    if not validation:  # few documents: hold out the one with the smallest hash
-        validation, train = [keyed[0][1]], [d for _, d in keyed[1:]]
-    if not train:
-        train, validation = [d for _, d in keyed[:-1]], [keyed[-1][1]]
-    return {"train": train, "validation": validation}
-
-
-def _import_tfds() -> Any:
-    # tfds is heavy to import and chatty; import it only when files are prepared or read.
-    import tensorflow_datasets as tfds
-
-    tfds.disable_progress_bar()
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    return tfds
-
-
-def _builder_class() -> type:
-    tfds = _import_tfds()
-    registered = getattr(_builder_class, "cls", None)
+def builder_class() -> type:
+    """The :class:`TextFiles` tfds builder: splits of records with a feature spec, written as ``array_record``."""
+    tfds = import_tfds()
+    registered = getattr(builder_class, "cls", None)
     if registered is not None:
         return registered
 
     class TextFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        """Local text files as a tfds dataset of ``{'text': str}`` documents."""
+        """Local files as a tfds dataset of records; ``spec`` gives each field's type (default ``{'text': 'text'}``)."""
 
         VERSION = tfds.core.Version("1.0.0")
 
-        def __init__(self, *, splits: dict[str, list[str]] | None = None, **kwargs: Any) -> None:
-            self._splits = splits
+        def __init__(
+            self, *, splits: dict[str, list[Record]] | None = None, spec: dict[str, Spec] | None = None, **kwargs: Any
+        ) -> None:
+            self._splits, self._spec = splits, spec or {"text": "text"}
             super().__init__(**kwargs)
 
         def _info(self) -> Any:
             return tfds.core.DatasetInfo(
                 builder=self,
-                description="Local text files prepared by jaxlm.",
-                features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+                description="Local files prepared by jaxlm.",
+                features=tfds.features.FeaturesDict({k: _feature(tfds, v) for k, v in self._spec.items()}),
             )
 
         def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
             assert self._splits is not None
-            return {name: self._generate_examples(docs) for name, docs in self._splits.items()}
+            return {name: self._generate_examples(records) for name, records in self._splits.items()}
 
-        def _generate_examples(self, docs: list[str]) -> Iterator[tuple[int, dict[str, str]]]:
-            for i, text in enumerate(docs):
-                yield i, {"text": text}
+        def _generate_examples(self, records: list[Record]) -> Iterator[tuple[int, Record]]:
+            yield from enumerate(records)
 
-    _builder_class.cls = TextFiles  # type: ignore[attr-defined]
+    builder_class.cls = TextFiles  # type: ignore[attr-defined]
     return TextFiles
 
 
-def _fingerprint(files: Sequence[str], eval_files: Sequence[str], document: str, eval_fraction: float) -> str:
+def _fingerprint(files: Sequence[str], eval_files: Sequence[str], options: list[Any]) -> str:
     h = hashlib.sha256()
     for path in list(files) + ["--eval--"] + list(eval_files):
         st = os.stat(path) if os.path.exists(path) else None
         h.update(json.dumps([path, st.st_size if st else -1, st.st_mtime_ns if st else -1]).encode())
-    h.update(json.dumps([document, eval_fraction]).encode())
+    h.update(json.dumps(options, sort_keys=True).encode())
     return "h" + h.hexdigest()[:16]
 
 
-def prepare_text_files(
-    files: Sequence[str], eval_files: Sequence[str], document: str, eval_fraction: float, data_dir: str
-) -> dict[str, TextSource]:
-    """Prepare (once) and open the train/validation splits of local text files."""
-    tfds = _import_tfds()
+def prepare_files(
+    files: Sequence[str],
+    eval_files: Sequence[str] = (),
+    *,
+    data_dir: str,
+    format: str = "auto",
+    document: str = "file",
+    eval_fraction: float = 0.05,
+    fields: str | Mapping[str, str] | None = None,
+    features: Mapping[str, str] | None = None,
+    on_decode_error: str = "replace",
+) -> dict[str, Any]:
+    """Prepare (once) and open the ``'train'`` / ``'validation'`` splits of local files as random-access sources.
+
+    ``format``, ``fields``, ``features`` and ``on_decode_error`` are described in
+    :mod:`jaxlm.data.local_files`; ``document`` applies to plain text. Records are dicts of the
+    named fields (text as bytes). The prepared data lives under ``data_dir`` keyed by a
+    fingerprint of the files (paths, sizes, modification times) and these options; a second
+    call reads it back without reading the files.
+    """
+    tfds = import_tfds()
+    format = detect_format(list(files) + list(eval_files), format)
+    check_choice(on_decode_error, DECODE_ERRORS, "config.data.on_decode_error")
+    fields = parse_fields(fields)
     data_dir = os.path.expanduser(data_dir or default_data_dir())
     try:
         os.makedirs(data_dir, exist_ok=True)
@@ -203,19 +201,57 @@ def prepare_text_files(
         raise DataError(
             f"config.data.data_dir={data_dir!r} cannot be created ({e.strerror}); pick a writable directory"
         ) from e
-    name = _fingerprint(files, eval_files, document, eval_fraction)
-    cls = _builder_class()
-    config = tfds.core.BuilderConfig(name=name, description=f"{len(files)} files, document={document}")
+    options: list[Any] = [document, eval_fraction]
+    if format != "text" or on_decode_error != "replace":  # the plain-text default keeps its earlier fingerprint
+        options += [format, fields, dict(features or {}), on_decode_error, "records-v1"]
+    name = _fingerprint(files, eval_files, options)
+    cls = builder_class()
+    config = tfds.core.BuilderConfig(name=name, description=f"{len(files)} {format} files, document={document}")
     builder = cls(config=config, data_dir=data_dir, file_format="array_record")
-    if not builder.is_prepared():
-        builder = cls(
-            splits=split_corpus(files, document, eval_fraction, eval_files),
-            config=config,
-            data_dir=data_dir,
-            file_format="array_record",
-        )
+    if builder.is_prepared():
+        # Read back with the features stored next to the data (the spec was inferred when preparing).
+        builder = tfds.builder_from_directory(builder.data_dir)
+    else:
+        if format == "text":
+            docs = split_corpus(files, document, eval_fraction, eval_files, on_decode_error=on_decode_error)
+            splits, spec = {k: [{"text": d} for d in v] for k, v in docs.items()}, {"text": "text"}
+        else:
+            splits, spec = split_records(
+                files,
+                format,
+                eval_fraction,
+                eval_files,
+                fields=fields,
+                features=features,
+                on_decode_error=on_decode_error,
+            )
+        builder = cls(splits=splits, spec=spec, config=config, data_dir=data_dir, file_format="array_record")
         builder.download_and_prepare()
     return {split: builder.as_data_source(split=split) for split in ("train", "validation")}
+
+
+def prepare_text_files(
+    files: Sequence[str],
+    eval_files: Sequence[str],
+    document: str,
+    eval_fraction: float,
+    data_dir: str,
+    *,
+    on_decode_error: str = "replace",
+) -> dict[str, Any]:
+    """Prepare (once) and open the train/validation splits of plain text files as ``{'text': bytes}`` records."""
+    return prepare_files(
+        files,
+        eval_files,
+        data_dir=data_dir,
+        format="text",
+        document=document,
+        eval_fraction=eval_fraction,
+        on_decode_error=on_decode_error,
+    )
+
+
+# ----------------------------------------------------------------------------- Markov chains
 
 
 def markov_chain(vocab_size: int, concentration: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -251,9 +287,46 @@ def markov_text(transition: np.ndarray, stationary: np.ndarray, length: int, see
     return "".join(MARKOV_ALPHABET[s] for s in out)
 
 
-def synthetic_sources(cfg: DataConfig) -> dict[str, TextSource]:
-    """In-memory train/validation text from a synthetic source of known statistics."""
-    s = cfg.synthetic
+# ----------------------------------------------------------------------------- copy and reverse
+
+SEQUENCE_SEPARATOR = "|"  # between source and target in the 'text' of a sequence-task record (not a symbol)
+SEQUENCE_TASKS: dict[str, Callable[[str], str]] = {"copy": lambda s: s, "reverse": lambda s: s[::-1]}
+
+
+def sequence_task_records(
+    kind: str, *, vocab_size: int, num_tokens: int, min_len: int, max_len: int, seed: int
+) -> list[dict[str, str]]:
+    """Records of the copy or reverse task, until their sources hold ``num_tokens`` symbols.
+
+    Each source is ``n ~ Uniform{min_len..max_len}`` symbols drawn independently and
+    uniformly from the first ``vocab_size`` letters of :data:`MARKOV_ALPHABET` (entropy
+    ``log(vocab_size)`` nats each); the target is the source (``copy``) or reversed
+    (``reverse``), so it carries no entropy given the source. A record holds ``source`` and
+    ``target`` for seq2seq and ``text = source + '|' + target`` for a causal LM, whose loss
+    on the target part can reach 0.
+    """
+    if kind not in SEQUENCE_TASKS:
+        raise DataError(f"config.data.synthetic.kind={kind!r} is not one of: {', '.join(SYNTHETIC_KINDS)}")
+    if not 1 <= min_len <= max_len:
+        raise DataError(f"config.data.synthetic: need 1 <= min_len ({min_len}) <= max_len ({max_len})")
+    if not 2 <= vocab_size <= len(MARKOV_ALPHABET):
+        raise DataError(f"config.data.synthetic.vocab_size={vocab_size} must be in [2, {len(MARKOV_ALPHABET)}]")
+    rng = np.random.default_rng(seed)
+    alphabet = np.array(list(MARKOV_ALPHABET[:vocab_size]))
+    target_of = SEQUENCE_TASKS[kind]
+    records, total = [], 0
+    while total < max(num_tokens, 1):
+        source = "".join(alphabet[rng.integers(vocab_size, size=int(rng.integers(min_len, max_len + 1)))])
+        target = target_of(source)
+        records.append({"source": source, "target": target, "text": source + SEQUENCE_SEPARATOR + target})
+        total += len(source)
+    return records
+
+
+# ----------------------------------------------------------------------------- opening config.data
+
+
+def _markov_sources(s: Any) -> dict[str, TextSource]:
     if s.vocab_size > len(MARKOV_ALPHABET):
         raise DataError(f"config.data.synthetic.vocab_size={s.vocab_size} exceeds {len(MARKOV_ALPHABET)}")
     transition, stationary = markov_chain(s.vocab_size, s.concentration, s.seed)
@@ -263,10 +336,49 @@ def synthetic_sources(cfg: DataConfig) -> dict[str, TextSource]:
     }
 
 
+def _sequence_task_sources(s: Any) -> dict[str, TextSource]:
+    min_len = s.min_len
+    max_len = s.max_len
+    options = dict(vocab_size=s.vocab_size, min_len=min_len, max_len=max_len)
+    return {
+        "train": RecordSource(sequence_task_records(s.kind, num_tokens=s.num_train_tokens, seed=s.seed + 1, **options)),
+        "validation": RecordSource(
+            sequence_task_records(s.kind, num_tokens=s.num_eval_tokens, seed=s.seed + 2, **options)
+        ),
+    }
+
+
+SYNTHETIC_KINDS: dict[str, Callable[[Any], dict[str, TextSource]]] = {
+    "markov": _markov_sources,
+    "copy": _sequence_task_sources,
+    "reverse": _sequence_task_sources,
+}
+
+
+def synthetic_sources(cfg: DataConfig) -> dict[str, TextSource]:
+    """In-memory train/validation records from the synthetic source ``cfg.synthetic.kind``."""
+    kind = cfg.synthetic.kind
+    if kind not in SYNTHETIC_KINDS:
+        raise DataError(f"config.data.synthetic.kind={kind!r} is not one of: {', '.join(SYNTHETIC_KINDS)}")
+    return SYNTHETIC_KINDS[kind](cfg.synthetic)
+
+
 def open_sources(cfg: DataConfig) -> dict[str, TextSource]:
     """The train and validation sources named by ``config.data``."""
     if cfg.source == "synthetic":
         return synthetic_sources(cfg)
+    if cfg.source == "tfds":
+        if not cfg.name:
+            raise DataError(f"config.data.source='tfds' needs config.data.name, one of: {', '.join(catalog.CATALOG)}")
+        return catalog.open_catalog(
+            cfg.name,
+            data_dir=cfg.data_dir,
+            document=cfg.document,
+            fields=parse_fields(cfg.fields),
+            train_split=cfg.train_split,
+            validation_split=cfg.eval_split,
+            download=cfg.download,
+        )
     if cfg.source == "builtin":
         files = builtin_files()
         if not files:
@@ -274,6 +386,16 @@ def open_sources(cfg: DataConfig) -> dict[str, TextSource]:
     elif cfg.source == "files":
         files = expand_globs(cfg.files, "config.data.files")
     else:
-        raise DataError(f"config.data.source={cfg.source!r} is not available yet; use builtin, files or synthetic")
+        raise DataError(f"config.data.source={cfg.source!r} is not one of: builtin, files, tfds, synthetic")
     eval_files = expand_globs(cfg.eval_files, "config.data.eval_files") if cfg.eval_files.strip() else []
-    return prepare_text_files(files, eval_files, cfg.document, cfg.eval_fraction, cfg.data_dir)
+    file_format = cfg.format
+    return prepare_files(
+        files,
+        eval_files,
+        data_dir=cfg.data_dir,
+        format=file_format if cfg.source == "files" else "text",
+        document=cfg.document,
+        eval_fraction=cfg.eval_fraction,
+        fields=cfg.fields or None,
+        on_decode_error=cfg.on_decode_error,
+    )

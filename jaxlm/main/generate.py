@@ -26,17 +26,49 @@ def make_step_fn(model: Any, params: Any) -> decoding.StepFn:
     return step_fn
 
 
-def init_cache(model: Any, batch: int, length: int) -> Any:
-    """An empty key/value cache for ``batch`` sequences of up to ``length`` tokens."""
-    shapes = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((batch, length), jnp.int32), decode=True)["cache"]
-    )
+def make_seq2seq_step_fn(model: Any, params: Any, encoded: jax.Array, inputs: jax.Array) -> decoding.StepFn:
+    """A decoder step of an encoder-decoder model over its cache; the encoder ran once."""
+
+    def step_fn(cache: Any, tokens: jax.Array, positions: jax.Array) -> tuple[jax.Array, Any]:
+        logits, mutated = model.apply(
+            {"params": params, "cache": cache},
+            encoded,
+            inputs,
+            tokens,
+            targets_positions=positions,
+            decode=True,
+            method="decode",
+            mutable=["cache"],
+        )
+        return logits, mutated["cache"]
+
+    return step_fn
+
+
+def init_cache(model: Any, batch: int, length: int, inputs: jax.Array | None = None) -> Any:
+    """An empty key/value cache for ``batch`` sequences of up to ``length`` tokens.
+
+    For an encoder-decoder, ``inputs`` are the encoder's tokens and the cache is the decoder's.
+    """
+    targets = jnp.zeros((batch, length), jnp.int32)
+    args = (targets,) if inputs is None else (inputs, targets)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, decode=True)["cache"])
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def run(config: Config, workdir: str, prompt: str) -> list[str]:
     """Return ``config.decode.num_samples`` texts: the prompt followed by its continuation."""
     exp, params, tokenizer, _ = restore.open_trained(config, workdir)
+    if exp.model_cfg.kind not in GENERATORS:
+        raise UserError(
+            f"jaxlm generate needs a generative model; config.model.kind={exp.model_cfg.kind!r} is not one of: "
+            f"{', '.join(GENERATORS)}"
+        )
+    return GENERATORS[exp.model_cfg.kind](exp, params, tokenizer, config, prompt)
+
+
+def _continue_prompt(exp: Any, params: Any, tokenizer: Any, config: Config, prompt: str) -> list[str]:
+    """Decoder-only and recurrent models: continue the prompt."""
     d = config.decode
     ids = np.concatenate([[tokenizer.bos_id], tokenizer.encode(prompt)]) if not prompt else tokenizer.encode(prompt)
     max_len = exp.model_cfg.max_len
@@ -67,3 +99,43 @@ def run(config: Config, workdir: str, prompt: str) -> list[str]:
 
     new = np.asarray(sample(params, cache, prompt_ids, jax.random.key(d.seed)))
     return [prompt + tokenizer.decode(row) for row in new]
+
+
+def _seq2seq(exp: Any, params: Any, tokenizer: Any, config: Config, prompt: str) -> list[str]:
+    """Encoder-decoder models: the prompt is the encoder input; the decoder starts from id 0."""
+    d = config.decode
+    ids = tokenizer.encode(prompt)
+    if len(ids) == 0 or len(ids) > exp.model_cfg.max_len:
+        raise UserError(f"--prompt must be 1..{exp.model_cfg.max_len} tokens for an encoder-decoder, got {len(ids)}")
+    if 1 + d.max_new_tokens > exp.model_cfg.max_len:
+        raise UserError(f"--max_new_tokens={d.max_new_tokens} exceeds the model's max_len={exp.model_cfg.max_len}")
+    inputs = jnp.asarray(np.tile(ids[None, :], (d.num_samples, 1)), jnp.int32)
+    start = jnp.zeros((d.num_samples, 1), jnp.int32)  # T5's decoder start id is the pad id 0
+    cache = init_cache(exp.model, d.num_samples, exp.model_cfg.max_len, inputs)
+
+    @jax.jit
+    def sample(params: Any, cache: Any, inputs: jax.Array, rng: jax.Array) -> jax.Array:
+        encoded = exp.model.apply({"params": params}, inputs, method="encode")
+        return decoding.generate(
+            make_seq2seq_step_fn(exp.model, params, encoded, inputs),
+            cache,
+            start,
+            rng,
+            max_new_tokens=d.max_new_tokens,
+            temperature=d.temperature,
+            top_k=d.top_k,
+            top_p=d.top_p,
+            eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id,
+        )
+
+    new = np.asarray(sample(params, cache, inputs, jax.random.key(d.seed)))
+    return [tokenizer.decode(row) for row in new]
+
+
+# Model kind -> how it generates.
+GENERATORS = {
+    "decoder_only": _continue_prompt,
+    "rnn": _continue_prompt,
+    "encoder_decoder": _seq2seq,
+}

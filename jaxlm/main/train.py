@@ -40,7 +40,18 @@ def _shard_dataset(shard: int, num_shards: int, rows: int, *, config: Config, so
         shuffle=True,
         shard_index=shard,
         shard_count=num_shards,
+        **objective_options(config),
     )
+
+
+def objective_options(config: Config) -> dict[str, Any]:
+    """The config's options for its objective's batch builder."""
+    d = config.data
+    if d.objective == "causal_lm":
+        return {"packing": d.packing, "long_documents": d.long_documents}
+    if d.objective == "masked_lm":
+        return {"long_documents": d.long_documents}
+    return {}
 
 
 def _data_iterator(build_shard: Any, num_shards: int, config: Config) -> hosts.ShardedBatches:
@@ -78,6 +89,7 @@ def evaluate(exp: experiment.Experiment, params: Any, source: Any, tokenizer: An
         prefetch=0,
         shard_index=jax.process_index() if len(source) >= jax.process_count() else 0,
         shard_count=jax.process_count() if len(source) >= jax.process_count() else 1,
+        **objective_options(cfg),
     )
     it = iter(ds)
     totals = None

@@ -105,9 +105,4 @@ def open_tokenizer(config: Config, workdir: str, train_source: sources.TextSourc
     if d.tokenizer == "byte":
         return tokenizers.build("byte")
 
-    def texts():
-        for i in range(len(train_source)):
-            text = train_source[i]["text"]
-            yield text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
-
-    return tokenizers.train(d.tokenizer, texts(), None, d.tokenizer_vocab_size)
+    return tokenizers.train(d.tokenizer, sources.record_texts(train_source), None, d.tokenizer_vocab_size)
