@@ -7,6 +7,7 @@ import os
 import signal
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from jaxlm.common_types import CheckpointError
@@ -24,7 +25,8 @@ def make_manager(workdir: str, cfg: CheckpointConfig, *, read_only: bool = False
         create=not read_only,
         read_only=read_only,
     )
-    return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
 # Fault injection for the crash tests: SIGKILL this process right after the save of this
@@ -51,7 +53,12 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """Restore the state onto the shardings of ``abstract_state`` (any mesh) and the data state."""
+    """Restore the state onto the shardings of ``abstract_state`` (any mesh) and the data state.
+
+    The saved arrays' shapes and dtypes are checked against ``abstract_state`` first: Orbax
+    would otherwise read a differently shaped array into the requested shape.
+    """
+    _check_shapes(manager, step, abstract_state)
     try:
         restored = manager.restore(
             step,
@@ -63,6 +70,30 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> t
             f"({str(e).splitlines()[0][:200]}); use a new --workdir or the config it was trained with"
         ) from e
     return restored["state"], dict(restored["data"] or {})
+
+
+def _check_shapes(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
+    try:
+        saved = manager.item_metadata(step)["state"]
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+        raise CheckpointError(f"checkpoint step {step} in {manager.directory} has no readable metadata ({e})") from e
+    if saved is None:
+        raise CheckpointError(f"checkpoint step {step} in {manager.directory} has no state metadata")
+    flat_saved = {_key(p): m for p, m in jax.tree_util.tree_leaves_with_path(saved)}
+    for path, want in jax.tree_util.tree_leaves_with_path(abstract_state):
+        key = _key(path)
+        got = flat_saved.get(key)
+        if got is None or tuple(got.shape) != tuple(want.shape):
+            found = "missing" if got is None else f"shape {tuple(got.shape)}"
+            raise CheckpointError(
+                f"checkpoint step {step} in {manager.directory}: {key} is {found}, this config needs "
+                f"{tuple(want.shape)}; use a new --workdir or the config it was trained with"
+            )
+
+
+def _key(path: tuple) -> str:
+    """A path as "a/b/0/c", the same for dataclass fields, dict keys and sequence indices."""
+    return "/".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
 
 
 def latest_step(workdir: str) -> int | None:

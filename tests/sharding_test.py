@@ -7,6 +7,7 @@ tokenizer's 263 to 264, so that every mesh axis of size 8 divides what it shards
 import contextlib
 import io
 import math
+import os
 import re
 import types
 
@@ -306,3 +307,25 @@ def test_sharded_training_matches_one_device(single_device_losses, tmp_path, nam
     rel = np.max(np.abs(losses - one) / np.abs(one))
     print(f"{name}: max relative loss difference over 20 steps {rel:.2e}")
     assert rel < 1e-4, (losses, one)
+
+
+@pytest.mark.parametrize("config_name", ["bert", "t5", "rnn"])
+def test_every_model_family_trains_on_a_2x2x2_mesh_like_on_one_device(config_name, tmp_path, text_corpus):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    losses = []
+    for mesh in ({"data": 8}, {"data": 2, "fsdp": 2, "tensor": 2}):
+        c = config_lib.load_config_file(os.path.join(repo, "configs", f"{config_name}.py") + ":size=tiny")
+        c.data.source = "files"
+        c.data.files = text_corpus
+        c.data.data_dir = str(tmp_path / "d")
+        c.train.num_steps = 3
+        c.train.log_every = 1
+        c.train.eval_steps = 1
+        c.train.progress = False
+        c.model.vocab_size = 384  # divisible by the tensor axis (263 byte ids + 100 T5 sentinels fit)
+        for axis in ("data", "fsdp", "tensor", "sequence"):
+            c.mesh.shape[axis] = mesh.get(axis, 1)
+        workdir = tmp_path / "_".join(f"{k}{v}" for k, v in mesh.items())
+        train.run(config_lib.validate(c), str(workdir))
+        losses.append([r["loss"] for r in read_metrics(str(workdir)) if "loss" in r])
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)

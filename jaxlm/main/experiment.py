@@ -135,7 +135,10 @@ def _check_divisible(abstract_state: TrainState, shardings: TrainState) -> None:
             if dim % size:
                 raise ConfigError(
                     f"parameter {'/'.join(_shape_path(path))} has a dimension of {dim} that mesh axes "
-                    f"{'x'.join(names)} (size {size}) do not divide; change config.mesh.shape or config.sharding.rules"
+                    f"{'x'.join(names)} (size {size}) do not divide; change config.mesh.shape or "
+                    "config.sharding.rules, "
+                    "or pad the size "
+                    "(e.g. config.model.vocab_size to a multiple of it)"
                 )
 
     jax.tree_util.tree_map_with_path(check, abstract_state, shardings)

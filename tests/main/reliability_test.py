@@ -1,6 +1,7 @@
 """Numerics guard, damaged checkpoints and preemption."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,7 +71,42 @@ def test_diverging_run_stops_with_a_clear_error_and_finite_checkpoints(tiny_conf
     manager.close()
 
 
-def test_damaged_latest_checkpoint_is_skipped(tiny_config, text_corpus, tmp_path):
+def _truncate_arrays(step_dir):
+    for root, _, files in os.walk(os.path.join(step_dir, "state")):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.getsize(path) > 64:
+                with open(path, "r+b") as f:
+                    f.truncate(16)
+
+
+def _remove_metadata(step_dir):
+    os.remove(os.path.join(step_dir, "state", "_METADATA"))
+
+
+def _wrong_shapes(step_dir):
+    # Replace the newest checkpoint by one of a wider model: same names, other shapes.
+    wide = experiment.build(config_lib.validate(_wide_config()), 263)
+    state = experiment.init_state(wide, seed=0)
+    shutil.rmtree(step_dir)
+    manager = checkpoint.make_manager(os.path.dirname(os.path.dirname(step_dir)), _wide_cfg().checkpoint)
+    checkpoint.save(manager, int(os.path.basename(step_dir)), state, {})
+    manager.wait_until_finished()
+    manager.close()
+
+
+def _wide_config():
+    c = config_lib.load_config_file(os.path.join(REPO, "configs", "gpt.py") + ":size=tiny")
+    c.model.embed_dim = 128
+    return c
+
+
+def _wide_cfg():
+    return config_lib.validate(_wide_config())
+
+
+@pytest.mark.parametrize("damage", [_truncate_arrays, _remove_metadata, _wrong_shapes], ids=lambda f: f.__name__)
+def test_damaged_latest_checkpoint_is_skipped(damage, tiny_config, text_corpus, tmp_path):
     c = tiny_config
     c.data.source = "files"
     c.data.files = text_corpus
@@ -81,20 +117,45 @@ def test_damaged_latest_checkpoint_is_skipped(tiny_config, text_corpus, tmp_path
     cfg = config_lib.validate(c)
     workdir = str(tmp_path / "w")
     train.run(cfg, workdir)
-    latest = os.path.join(workdir, "checkpoints", "6", "state")
-    # Truncate every array file of the newest checkpoint.
-    for root, _, files in os.walk(latest):
-        for name in files:
-            path = os.path.join(root, name)
-            if os.path.getsize(path) > 64:
-                with open(path, "r+b") as f:
-                    f.truncate(16)
+    damage(os.path.join(workdir, "checkpoints", "6"))
     exp = experiment.build(cfg, 263)
     manager = checkpoint.make_manager(workdir, cfg.checkpoint)
     messages = []
     step, _, _ = checkpoint.restore_latest_good(manager, exp.abstract_state, log=messages.append)
     manager.close()
     assert step == 3 and "step 6 is damaged" in messages[0]
+    # And training resumes from step 3 to the end.
+    train.run(cfg, workdir)
+    assert checkpoint.latest_step(workdir) == 6
+
+
+def test_old_checkpoints_are_deleted_only_after_a_newer_one_is_complete(tiny_config, text_corpus, tmp_path):
+    c = tiny_config
+    c.data.source = "files"
+    c.data.files = text_corpus
+    c.train.num_steps = 8
+    c.checkpoint.every_steps = 2
+    c.checkpoint.max_to_keep = 2
+    workdir = tmp_path / "w"
+    train.run(config_lib.validate(c), str(workdir))
+    steps = sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
+    assert steps == [6, 8]
+    for step in steps:
+        assert (workdir / "checkpoints" / str(step) / "commit_success.txt").exists() or (
+            workdir / "checkpoints" / str(step) / "_CHECKPOINT_METADATA"
+        ).exists()
+
+
+def test_no_load_path_unpickles():
+    # Checkpoints are Orbax, metadata and tokenizers JSON, weights safetensors: no pickle anywhere.
+    offenders = []
+    for root, _, files in os.walk(os.path.join(REPO, "jaxlm")):
+        for name in files:
+            if name.endswith(".py"):
+                text = open(os.path.join(root, name)).read()
+                if "import pickle" in text or "pickle.load" in text or "weights_only=False" in text:
+                    offenders.append(name)
+    assert not offenders
 
 
 def test_sigterm_saves_the_current_step_and_exits_zero_then_resumes_exactly(text_corpus, tmp_path):
