@@ -74,16 +74,31 @@ def span_corruption_lengths(inputs_length: int, noise_density: float, mean_span:
     return tokens_length, targets_length
 
 
+def own_sentinel_start(tokenizer: Tokenizer, num_sentinels: int) -> int | None:
+    """The id of ``<extra_id_0>`` if the tokenizer holds T5's sentinels, else None.
+
+    A T5 vocabulary (an ``hf`` tokenizer.json) ends with ``<extra_id_0>`` ... ``<extra_id_99>``
+    on consecutive ids counting down; all ``num_sentinels`` of them must be there, laid out so.
+    """
+    lookup = getattr(tokenizer, "token_to_id", None)
+    start = lookup("<extra_id_0>") if lookup is not None else None
+    if start is None or any(lookup(f"<extra_id_{k}>") != start - k for k in range(1, num_sentinels)):
+        return None
+    return start
+
+
 def sentinel_ids(tokenizer: Tokenizer, sentinel_start: int | None, num_sentinels: int) -> np.ndarray:
     """Sentinel ids, first span first: ``sentinel_start, sentinel_start - 1, ...`` (T5 counts down).
 
-    ``sentinel_start=None`` puts them just past the tokenizer's vocabulary, at
+    ``sentinel_start=None`` uses the tokenizer's own T5 sentinels when it holds them
+    (:func:`own_sentinel_start`), else puts them just past the tokenizer's vocabulary, at
     ``vocab_size + num_sentinels - 1`` down to ``vocab_size``, so the model's vocabulary must
-    have ``tokenizer.vocab_size + num_sentinels`` ids. A T5 tokenizer (``hf``) already holds
-    them: pass ``sentinel_start=tokenizer.vocab_size - 1``.
+    then have ``tokenizer.vocab_size + num_sentinels`` ids.
     """
     if num_sentinels < 1:
         raise DataError(f"num_sentinels={num_sentinels} must be at least 1")
+    if sentinel_start is None:
+        sentinel_start = own_sentinel_start(tokenizer, num_sentinels)
     start = tokenizer.vocab_size + num_sentinels - 1 if sentinel_start is None else sentinel_start
     ids = start - np.arange(num_sentinels)
     if ids[-1] < 0:

@@ -80,6 +80,10 @@ class HFTokenizer(Tokenizer):
     def special_ids(self) -> dict[str, int | None]:
         return dict(self._special)
 
+    def token_to_id(self, token: str) -> int | None:
+        """The id of ``token`` in the file's vocabulary (added tokens included), or None."""
+        return self._tok.token_to_id(token)
+
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 

@@ -1,9 +1,18 @@
 """Hugging Face checkpoints <-> jaxlm parameter trees and config fields, as plain NumPy.
 
-Supported architecture: GPT-2 (``model_type: gpt2``; the weights of ``GPT2LMHeadModel`` or
-``GPT2Model``) <-> jaxlm ``decoder_only`` with learned positions, pre-LayerNorm (any eps),
-tanh-approximated GELU (GPT-2's ``gelu_new``), biases everywhere and tied (or untied)
-embeddings; its blocks either unrolled (``layer_i``) or stacked for ``scan_layers``.
+Supported architectures (``model_type`` in ``config.json``):
+
+* ``gpt2``: the weights of ``GPT2LMHeadModel`` or ``GPT2Model`` <-> jaxlm ``decoder_only`` with
+  learned positions, pre-LayerNorm (any eps), tanh-approximated GELU (GPT-2's ``gelu_new``),
+  biases everywhere and tied (or untied) embeddings. Mapped below.
+* ``bert``: ``BertForPreTraining`` / ``BertForMaskedLM`` / ``BertModel`` <-> ``encoder_only``
+  (:mod:`jaxlm.interop.hf_bert`).
+* ``t5``: ``T5ForConditionalGeneration`` v1.0 and v1.1 <-> ``encoder_decoder``
+  (:mod:`jaxlm.interop.hf_t5`).
+
+BERT and T5 are table-driven: their modules list one :class:`Rule` per tensor, which this
+module applies in both directions. Blocks are either unrolled (``layer_i``) or stacked for
+``scan_layers`` (``layers/block``).
 
 This module maps names, shapes and config fields; it builds no model, so it imports nothing
 from jaxlm above L0. Weight files are read and written with ``safetensors`` (NumPy flavour);
@@ -12,21 +21,26 @@ from jaxlm above L0. Weight files are read and written with ``safetensors`` (Num
 are imported inside the functions that need them: ``pip install 'jaxlm[hf]'``.
 
 Shapes: D model dim, N heads, H head dim (D = N * H), F mlp dim, V vocab, P positions,
-L layers. Hugging Face's ``Conv1D`` stores its weight as ``[in, out]`` (the transpose of
-``nn.Linear``), which is jaxlm's kernel layout, so only the fused ``c_attn`` needs splitting.
+L layers. Hugging Face's ``Conv1D`` (GPT-2) stores its weight as ``[in, out]`` (the transpose
+of ``nn.Linear``), which is jaxlm's kernel layout, so only the fused ``c_attn`` needs
+splitting; BERT and T5 use ``nn.Linear`` (``[out, in]``), transposed on the way in.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from types import ModuleType
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from jaxlm.common_types import DataError
+from jaxlm.interop import hf_bert, hf_t5
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -143,13 +157,24 @@ def save_state_dict(state: Mapping[str, np.ndarray], path: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
-    """How one Hugging Face ``model_type`` maps onto jaxlm."""
+    """How one Hugging Face ``model_type`` maps onto jaxlm.
+
+    ``model_fields(hf_config, source, state)`` gives the ``config.model`` fields (``state``,
+    the weights, may be None: some fields, such as whether the head is tied, are read off the
+    weights when they are there); ``params_from_hf(state, model, hf_config, source)`` the
+    parameter tree; ``fresh(state, model, hf_config)`` the parameters the checkpoint lacks and
+    the import initializes.
+    """
 
     kind: str  # jaxlm config.model.kind
-    model_fields: Callable[[Mapping[str, Any], str], dict[str, Any]]
-    params_from_hf: Callable[[Mapping[str, np.ndarray], Mapping[str, Any], str], Params]
+    objective: str  # jaxlm config.data.objective of the imported workdir
+    model_fields: Callable[[Mapping[str, Any], str, Mapping[str, np.ndarray] | None], dict[str, Any]]
+    params_from_hf: Callable[[Mapping[str, np.ndarray], Mapping[str, Any], Mapping[str, Any], str], Params]
     params_to_hf: Callable[[Mapping[str, Any], Mapping[str, Any]], StateDict]
     hf_config: Callable[[Mapping[str, Any], Mapping[str, int | None]], dict[str, Any]]
+    fresh: Callable[[Mapping[str, np.ndarray], Mapping[str, Any], Mapping[str, Any]], list[str]] = (
+        lambda state, model, hf_config: []
+    )
 
 
 def architecture(hf_config: Mapping[str, Any], source: str = CONFIG_FILE) -> Architecture:
@@ -171,16 +196,28 @@ def export_architecture(model: Mapping[str, Any]) -> Architecture:
     raise DataError(f"config.model.kind={model.get('kind')!r} cannot be exported to Hugging Face; exportable: {kinds}")
 
 
-def model_fields_from_hf(hf_config: Mapping[str, Any], source: str = CONFIG_FILE) -> dict[str, Any]:
-    """The jaxlm ``config.model`` fields (a dict) that reproduce a Hugging Face config."""
-    return architecture(hf_config, source).model_fields(hf_config, source)
+def model_fields_from_hf(
+    hf_config: Mapping[str, Any], source: str = CONFIG_FILE, state: Mapping[str, np.ndarray] | None = None
+) -> dict[str, Any]:
+    """The jaxlm ``config.model`` fields (a dict) that reproduce a Hugging Face config.
+
+    Give the checkpoint's ``state`` where it is loaded: BERT's and T5's tying is read off it.
+    """
+    return architecture(hf_config, source).model_fields(hf_config, source, state)
 
 
 def params_from_hf(
     hf_config: Mapping[str, Any], state: Mapping[str, np.ndarray], model: Mapping[str, Any], source: str = ""
 ) -> Params:
     """A jaxlm float32 parameter tree from a Hugging Face state dict, for ``config.model`` fields ``model``."""
-    return architecture(hf_config).params_from_hf(state, model, source or "the checkpoint")
+    return architecture(hf_config).params_from_hf(state, model, hf_config, source or "the checkpoint")
+
+
+def fresh_parameters(
+    hf_config: Mapping[str, Any], state: Mapping[str, np.ndarray], model: Mapping[str, Any]
+) -> list[str]:
+    """The top-level parameter groups (``pooler``, ``nsp`` ...) the checkpoint lacks and the import initializes."""
+    return architecture(hf_config).fresh(state, model, hf_config)
 
 
 def params_to_hf(params: Mapping[str, Any], model: Mapping[str, Any]) -> StateDict:
@@ -412,6 +449,185 @@ def _gpt2_hf_config(model: Mapping[str, Any], special_ids: Mapping[str, int | No
 
 
 # ------------------------------------------------------------------------------------------
+# Table-driven architectures (BERT, T5): one Rule per tensor, applied in both directions.
+
+
+class Rule(NamedTuple):
+    """One tensor: where it lives in jaxlm and in Hugging Face, and how its values map.
+
+    The architecture modules give rules as plain tuples in this field order.
+    """
+
+    path: str  # jaxlm parameter path, unrolled layout ('blocks/layer_0/attn/query/kernel')
+    key: str  # Hugging Face tensor name
+    shape: tuple[int, ...]  # jaxlm shape
+    # 0: the same values in the same shape; -1: Hugging Face stores them flattened to 1-D;
+    # k > 0: an nn.Linear weight [out, in], transposed, whose input is the first k jaxlm axes.
+    in_axes: int = 0
+    scale: float = 1.0  # jaxlm = Hugging Face * scale
+    init: str = ""  # '' if required; else how a tensor the checkpoint lacks starts: normal, zeros, ones
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        """The shape of the Hugging Face tensor."""
+        if self.in_axes > 0:
+            return (math.prod(self.shape[self.in_axes :]), math.prod(self.shape[: self.in_axes]))
+        return (math.prod(self.shape),) if self.in_axes < 0 else tuple(self.shape)
+
+    def to_jaxlm(self, value: np.ndarray) -> np.ndarray:
+        """The jaxlm float32 array of the Hugging Face tensor ``value``."""
+        a = np.asarray(value, dtype=np.float32)
+        a = (a.T if self.in_axes > 0 else a).reshape(self.shape)
+        return np.ascontiguousarray(a * np.float32(self.scale) if self.scale != 1.0 else a)
+
+    def to_hf(self, value: np.ndarray) -> np.ndarray:
+        """The Hugging Face float32 tensor of the jaxlm array ``value``."""
+        a = np.asarray(value, dtype=np.float32)
+        a = a / np.float32(self.scale) if self.scale != 1.0 else a
+        if self.in_axes > 0:
+            a = a.reshape(math.prod(self.shape[: self.in_axes]), -1).T
+        return np.ascontiguousarray(a.reshape(self.hf_shape))
+
+
+_INIT_STD = 0.02  # BERT's initializer_range: what from_pretrained gives a missing head
+
+
+def _table(module: ModuleType, model_type: str) -> Architecture:
+    """The :class:`Architecture` of a table module (``rules``, ``aliases``, ``ignored``, ``model_fields``...)."""
+    name = model_type.upper()
+
+    def rules(model: Mapping[str, Any], state: Any = None, hf_cfg: Any = None) -> list[Rule]:
+        return [Rule(*r) for r in module.rules(model, state, hf_cfg)]
+
+    def params_from_hf(
+        state: Mapping[str, np.ndarray], model: Mapping[str, Any], hf_cfg: Mapping[str, Any], source: str
+    ) -> Params:
+        rng = np.random.default_rng(0)  # fresh heads are the same on every import
+        flat: dict[str, np.ndarray] = {}
+        used: set[str] = set()
+        for rule in rules(model, state, hf_cfg):
+            if rule.key not in state:
+                if not rule.init:
+                    raise DataError(
+                        f"{source} has no tensor {rule.key!r}; is it a {name} checkpoint matching its config.json?"
+                    )
+                flat[rule.path] = _initial(rule, rng)
+                continue
+            value = np.asarray(state[rule.key])
+            if value.shape != rule.hf_shape:
+                raise DataError(
+                    f"{source}: {rule.key} has shape {value.shape} but config.json implies {rule.hf_shape}; "
+                    "fix the config"
+                )
+            used.add(rule.key)
+            flat[rule.path] = rule.to_jaxlm(value)
+        for key, original in module.aliases(model, state).items():
+            if key in state and key not in used:
+                if original not in state or not np.array_equal(state[key], state[original]):
+                    raise DataError(
+                        f"{source}: {key} differs from {original}, which jaxlm ties it to; "
+                        f"is it a {name} checkpoint matching its config.json?"
+                    )
+                used.add(key)
+        extra = sorted(k for k in state if k not in used and not module.ignored(k))
+        if extra:
+            more = ", ..." if len(extra) > 3 else ""
+            raise DataError(
+                f"{source} has tensors {name} does not use ({', '.join(extra[:3])}{more}); "
+                f"jaxlm convert imports {module.IMPORTS}"
+            )
+        return _unflatten(_stack_flat(flat) if model.get("scan_layers") else flat)
+
+    def params_to_hf(params: Mapping[str, Any], model: Mapping[str, Any]) -> StateDict:
+        flat = _unstack_flat(_flatten(params))
+        table = rules(model)
+        out: StateDict = {}
+        for rule in table:  # a parameter may be written under several keys
+            if rule.path not in flat:
+                raise DataError(
+                    f"the checkpoint has no parameter {rule.path}; only {name}-shaped jaxlm models can be exported"
+                )
+            value = np.asarray(flat[rule.path])
+            if value.shape != rule.shape:
+                raise DataError(
+                    f"parameter {rule.path} has shape {value.shape}, not {rule.shape}; it cannot be exported"
+                )
+            out[rule.key] = rule.to_hf(value)
+        unused = sorted(set(flat) - {rule.path for rule in table})
+        if unused:
+            raise DataError(
+                f"parameters {name} has no place for: {', '.join(unused[:3])}; "
+                f"only {name}-shaped jaxlm models can be exported"
+            )
+        return out
+
+    def fresh(state: Mapping[str, np.ndarray], model: Mapping[str, Any], hf_cfg: Mapping[str, Any]) -> list[str]:
+        missing = [r.path.split("/")[0] for r in rules(model, state, hf_cfg) if r.init and r.key not in state]
+        return list(dict.fromkeys(missing))
+
+    return Architecture(
+        kind=module.KIND,
+        objective=module.OBJECTIVE,
+        model_fields=module.model_fields,
+        params_from_hf=params_from_hf,
+        params_to_hf=params_to_hf,
+        hf_config=module.hf_config,
+        fresh=fresh,
+    )
+
+
+def _initial(rule: Rule, rng: np.random.Generator) -> np.ndarray:
+    if rule.init == "normal":
+        return (rng.standard_normal(rule.shape) * _INIT_STD).astype(np.float32)
+    if rule.init in ("zeros", "ones"):
+        return np.full(rule.shape, 1.0 if rule.init == "ones" else 0.0, np.float32)
+    raise ValueError(f"unknown init {rule.init!r} for {rule.path}")
+
+
+_LAYER = re.compile(r"^(.*blocks/)layer_(\d+)/(.*)$")
+_SCANNED = re.compile(r"^(.*blocks/)layers/block/(.*)$")
+
+
+def _stack_flat(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Flat unrolled paths (``.../blocks/layer_i/x``) -> the ``nn.scan`` layout (``.../blocks/layers/block/x``)."""
+    out: dict[str, np.ndarray] = {}
+    groups: dict[tuple[str, str], dict[int, np.ndarray]] = {}
+    for path, value in flat.items():
+        m = _LAYER.match(path)
+        if m:
+            groups.setdefault((m[1], m[3]), {})[int(m[2])] = value
+        else:
+            out[path] = value
+    for (stack, rest), layers in groups.items():
+        out[f"{stack}layers/block/{rest}"] = np.stack([layers[i] for i in range(len(layers))])
+    return out
+
+
+def _unstack_flat(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`_stack_flat` (unrolled paths pass through)."""
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        m = _SCANNED.match(path)
+        if m:
+            for i, layer in enumerate(np.asarray(value)):
+                out[f"{m[1]}layer_{i}/{m[2]}"] = layer
+        else:
+            out[path] = value
+    return out
+
+
+def _unflatten(flat: Mapping[str, Any]) -> Params:
+    out: Params = {}
+    for path, value in flat.items():
+        node = out
+        *parents, leaf = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+# ------------------------------------------------------------------------------------------
 # Tree helpers (NumPy only: this layer builds no JAX arrays).
 
 
@@ -439,9 +655,12 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 ARCHITECTURES: dict[str, Architecture] = {
     "gpt2": Architecture(
         kind="decoder_only",
-        model_fields=_gpt2_model_fields,
-        params_from_hf=_gpt2_params_from_hf,
+        objective="causal_lm",
+        model_fields=lambda cfg, source, state: _gpt2_model_fields(cfg, source),
+        params_from_hf=lambda state, model, hf_cfg, source: _gpt2_params_from_hf(state, model, source),
         params_to_hf=_gpt2_params_to_hf,
         hf_config=_gpt2_hf_config,
     ),
+    "bert": _table(hf_bert, "bert"),
+    "t5": _table(hf_t5, "t5"),
 }

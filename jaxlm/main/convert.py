@@ -7,9 +7,11 @@ or ``pytorch_model.bin``, ``tokenizer.json`` when present) into a workdir that `
 (the imported parameters and a fresh optimizer state). ``run_to_hf`` writes a workdir's
 latest parameters back as a Hugging Face directory that ``from_pretrained`` loads.
 
-The name and shape mapping lives in :mod:`jaxlm.interop.hf` (GPT-2 for now). Imported blocks
-are unrolled (``config.model.scan_layers=false``) unless ``--config.model.scan_layers=true``
-is given; both layouts export.
+The name and shape mapping lives in :mod:`jaxlm.interop.hf`: GPT-2 (``decoder_only``,
+``causal_lm``), BERT (``encoder_only``, ``masked_lm``; heads the checkpoint lacks are freshly
+initialized and named in the output) and T5 v1.0 / v1.1 (``encoder_decoder``,
+``span_corruption``). Imported blocks are unrolled (``config.model.scan_layers=false``) unless
+``--config.model.scan_layers=true`` is given; both layouts export.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def run_from_hf(
     ``overrides`` (``{'optim.lr': '1e-4', ...}``) are applied to the config after the model
     fields taken from ``config.json``; those fields cannot be overridden, but how the model
     runs can (``model.dtype``, ``param_dtype``, ``attention``, ``remat``, ``scan_layers``,
-    ``dropout_rate``).
+    ``dropout_rate``, and ``max_len`` of a model without a position table, such as T5).
     """
     stream = stream or sys.stdout
 
@@ -57,7 +59,9 @@ def run_from_hf(
     if not os.path.isdir(source):
         raise DataError(f"{hf_dir} is not a directory; give a Hugging Face model directory (save_pretrained)")
     hf_config = hf.read_config(source)
-    model_fields = hf.model_fields_from_hf(hf_config, os.path.join(hf_dir, hf.CONFIG_FILE))
+    config_path = os.path.join(hf_dir, hf.CONFIG_FILE)
+    arch = hf.architecture(hf_config, config_path)
+    model_fields = hf.model_fields_from_hf(hf_config, config_path)
     weights_path = hf.weights_file(source)
 
     # ---- Workdir: never overwrite a checkpoint (nor the input).
@@ -78,18 +82,25 @@ def run_from_hf(
             "put the model's own tokenizer.json beside its config.json"
         )
 
+    # ---- Weights, read in full; some model fields (a tied head) are read off them.
+    state_dict = hf.load_state_dict(source)
+    model_fields = hf.model_fields_from_hf(hf_config, config_path, state_dict)
+
     # ---- Config: the defaults, the model from config.json, then the user's overrides.
     raw = config_lib.base_config()
     for key, value in model_fields.items():
         raw.model[key] = value
+    raw.data.objective = arch.objective
     raw.data.tokenizer = tokenizer_name
     if tokenizer_name == "hf":  # the workdir carries it (saved below); a new run may start from there too
         raw.data.tokenizer_path = workdir
-    raw.data.seq_len = min(raw.data.seq_len, model_fields["max_len"])
     config_lib.apply_overrides(raw, dict(overrides or {}))
+    if "data.seq_len" not in (overrides or {}):
+        raw.data.seq_len = min(raw.data.seq_len, raw.model.max_len)
     config = config_lib.validate(raw)
+    free = {"dropout_rate"} | ({"max_len"} if model_fields["position"] != "learned" else set())
     for key, value in model_fields.items():
-        if key != "dropout_rate" and getattr(config.model, key) != value:
+        if key not in free and getattr(config.model, key) != value:
             raise ConfigError(
                 f"--config.model.{key}={getattr(config.model, key)!r} contradicts {hf.CONFIG_FILE} of {hf_dir} "
                 f"({value!r}); drop that override"
@@ -100,15 +111,34 @@ def run_from_hf(
             f"({'the model' if tokenizer_name == 'hf' else 'no'} tokenizer.json in {hf_dir}); drop that override"
         )
 
+    # The ids the objective needs (T5's span corruption adds sentinels past the tokenizer's).
+    needed = experiment.model_vocab_size(config, tokenizer.vocab_size, tokenizer)
+    if needed > config.model.vocab_size:
+        raise DataError(
+            f"config.data.objective={config.data.objective!r} needs {needed} ids ({tokenizer.vocab_size} of the "
+            f"{tokenizer_name} tokenizer + {needed - tokenizer.vocab_size} span-corruption sentinels past them) but "
+            f"the model's vocab_size is {config.model.vocab_size}; "
+            + (
+                "its tokenizer.json holds no <extra_id_0> ... <extra_id_99> to use as sentinels"
+                if tokenizer_name == "hf"
+                else "put the model's own tokenizer.json beside its config.json"
+            )
+        )
+
     # ---- Weights -> a full train state on the mesh.
-    state_dict = hf.load_state_dict(source)
     params = hf.params_from_hf(hf_config, state_dict, dataclasses.asdict(config.model), source=weights_path)
+    fresh = hf.fresh_parameters(hf_config, state_dict, dataclasses.asdict(config.model))
     del state_dict
-    exp = experiment.build(config, tokenizer.vocab_size)
+    exp = experiment.build(config, needed)
     params = _match_abstract(params, exp.abstract_state.params)
     with jax.set_mesh(exp.mesh), nn.logical_axis_rules(exp.rules):
         params = jax.device_put(params, exp.state_shardings.params)
         state = jax.jit(lambda p: TrainState.create(p, exp.tx), out_shardings=exp.state_shardings)(params)
+    if jax.process_count() == 1:
+        # Saved from host memory (the weights were all there already): Orbax then writes each
+        # array once instead of slicing it out of every device it is replicated on. Restores
+        # onto any mesh as before.
+        state = jax.tree.map(np.asarray, jax.device_get(state))
 
     # ---- Write: config and tokenizer, then the checkpoint (whose presence marks a finished import).
     workdir_lib.write_config(workdir, config)
@@ -119,7 +149,8 @@ def run_from_hf(
     manager.close()
     print(
         f"imported {hf_config.get('model_type')} ({experiment.param_count(exp.abstract_state.params):,} params, "
-        f"tokenizer {tokenizer_name}) from {hf_dir} into {workdir} at step 0",
+        f"tokenizer {tokenizer_name}) from {hf_dir} into {workdir} at step 0"
+        + (f"; not in the checkpoint, freshly initialized: {', '.join(fresh)}" if fresh else ""),
         file=stream,
         flush=True,
     )
@@ -146,7 +177,7 @@ def run_to_hf(workdir: str, hf_dir: str, *, stream: TextIO | None = None) -> str
     out = os.path.abspath(os.path.expanduser(hf_dir))
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise DataError(f"{hf_dir} already exists and is not an empty directory; give a new output directory")
-    hf.hf_config_from_model(dataclasses.asdict(config.model), {})  # refuses a model GPT-2 cannot hold
+    hf.hf_config_from_model(dataclasses.asdict(config.model), {})  # refuses a model Hugging Face cannot hold
 
     # ---- Restore and map.
     exp, params, tokenizer, step = restore.open_trained(config, workdir)

@@ -21,7 +21,8 @@ from jax.sharding import Mesh
 from jaxlm import models, optim, sharding
 from jaxlm.common_types import ConfigError
 from jaxlm.config_lib import Config, ModelConfig
-from jaxlm.data import pipeline
+from jaxlm.data import objectives_t5, pipeline
+from jaxlm.data.tokenizers import Tokenizer
 from jaxlm.train_state import TrainState
 
 
@@ -55,10 +56,17 @@ def enable_compile_cache(directory: str) -> str | None:
     return path
 
 
-def model_vocab_size(config: Config, tokenizer_vocab: int) -> int:
-    """Ids the model needs: the tokenizer's, plus T5 sentinels for span corruption."""
-    extra = pipeline.SPAN_CORRUPTION_SENTINELS if config.data.objective == "span_corruption" else 0
-    return tokenizer_vocab + extra
+def model_vocab_size(config: Config, tokenizer_vocab: int, tokenizer: Tokenizer | None = None) -> int:
+    """Ids the model needs: the tokenizer's, plus T5 sentinels for span corruption.
+
+    No sentinels are added when ``tokenizer`` already holds T5's own (``<extra_id_*>``).
+    """
+    if config.data.objective != "span_corruption":
+        return tokenizer_vocab
+    n = pipeline.SPAN_CORRUPTION_SENTINELS
+    if tokenizer is not None and objectives_t5.own_sentinel_start(tokenizer, n) is not None:
+        return tokenizer_vocab
+    return tokenizer_vocab + n
 
 
 def example_args(cfg: ModelConfig, seq_len: int) -> tuple[jax.Array, ...]:

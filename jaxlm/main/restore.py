@@ -20,7 +20,7 @@ def open_trained(config: Config, workdir: str) -> tuple[experiment.Experiment, A
     workdir = workdir_lib.check_path(workdir, must_exist=True)
     workdir_lib.check_compatible(workdir, config)
     tokenizer = tokenizers.load(workdir)
-    exp = experiment.build(config, experiment.model_vocab_size(config, tokenizer.vocab_size))
+    exp = experiment.build(config, experiment.model_vocab_size(config, tokenizer.vocab_size, tokenizer))
     manager = checkpoint.make_manager(workdir, config.checkpoint, read_only=True)
     step = manager.latest_step()
     if step is None:

@@ -127,7 +127,7 @@ def run(config: Config, workdir: str, *, stop_at: int | None = None, stream: Tex
     build_shard = functools.partial(_shard_dataset, config=config, source=split_sources["train"], tokenizer=tokenizer)
 
     # ---- Mesh, model, optimizer, abstract sharded state.
-    exp = experiment.build(config, experiment.model_vocab_size(config, tokenizer.vocab_size))
+    exp = experiment.build(config, experiment.model_vocab_size(config, tokenizer.vocab_size, tokenizer))
     divisor = sharding.batch_divisor(exp.mesh, exp.rules)
     if config.data.batch_size % (divisor * config.optim.grad_accum_steps):
         raise ConfigError(
