@@ -198,3 +198,49 @@ def measured_peaks() -> dict[str, float] | None:
 def gflops(x: float) -> str:
     """FLOP/s as a short GFLOP/s string."""
     return f"{x / 1e9:,.1f}"
+
+
+def mib(n: int | None) -> str:
+    """Bytes as a whole number of MiB ('-' for None)."""
+    return "-" if n is None else f"{n / 2**20:,.0f}"
+
+
+def compiled_memory(compiled: Any) -> dict[str, int] | None:
+    """XLA's memory analysis of a compiled executable (bytes), or None when the backend gives none.
+
+    ``total`` = arguments + outputs - aliased (donated) + temporaries.
+    """
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return None
+    if m is None:
+        return None
+    out = {
+        "arguments": int(m.argument_size_in_bytes),
+        "outputs": int(m.output_size_in_bytes),
+        "aliased": int(m.alias_size_in_bytes),
+        "temporaries": int(m.temp_size_in_bytes),
+    }
+    out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+    return out
+
+
+def dir_bytes(path: str) -> int:
+    """Total size of the files under ``path``."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            total += os.path.getsize(os.path.join(root, f))
+    return total
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """``--set model.remat=dots`` items -> ``{'model.remat': 'dots'}`` (a leading ``config.`` is dropped)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set {item!r}: expected section.key=value, e.g. model.remat=dots")
+        key, value = item.split("=", 1)
+        out[key.strip().removeprefix("config.")] = value.strip()
+    return out

@@ -157,7 +157,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.new_tokens < 2 or args.uncached_tokens < 1:
         parser.error("--new_tokens must be >= 2 and --uncached_tokens >= 1")
-    extra = dict(item.split("=", 1) for item in args.set)
+    extra = common.parse_overrides(args.set)
     contexts = [int(x) for x in args.contexts.split(",") if x]
     batches = [int(x) for x in args.batches.split(",") if x]
 

@@ -1,11 +1,18 @@
 """Train-step throughput, compile time, memory and MFU per model config and compute dtype.
 
-For each config and dtype (``model.dtype``; parameters stay float32), builds the train step
-exactly as ``jaxlm.main.train`` does (``experiment.build``, ``experiment.init_state``, then
-``jax.jit(lm.train_step partial, donate_argnums=0, in_shardings=, out_shardings=)``, lowered
-and compiled ahead of time), puts one batch on the device (made by the config's real objective
-pipeline from a synthetic in-memory text source with the byte tokenizer, so its keys, shapes and
-dtypes are the trainer's), then times steps on that batch: no data pipeline in the timed loop.
+Configs (``--configs``, default ``tiny,baby``, which runs in about a minute on 2 quiet cores;
+``all`` adds d512, bert and t5, about 4 minutes): GPTs from ``configs/gpt.py`` with MLP 4x embed,
+``tiny`` (4 layers, 4 heads, 128 wide, seq 64, batch 12), ``baby`` (6, 6, 384, seq 256, batch 8),
+``d512`` (4, 8, 512, seq 512, batch 8); ``bert`` = ``configs/bert.py:size=small``; ``t5`` =
+``configs/t5.py:size=small``.
+
+For each config and dtype (``model.dtype``; parameters stay float32) the train step is built
+exactly as ``jaxlm.main.train`` builds it (``experiment.build``, ``experiment.init_state``,
+then ``jax.jit(lm.train_step partial, donate_argnums=0, in_shardings=, out_shardings=)``,
+lowered and compiled ahead of time). One batch goes on the device, made by the config's own
+objective pipeline from a synthetic in-memory text source with the byte tokenizer (so its keys,
+shapes and dtypes are the trainer's); the steps are timed on that batch: no data pipeline in
+the timed loop.
 
 Timing: 2 warm-up steps after compilation, then ``--steps`` steps each followed by
 ``jax.block_until_ready`` on the new state and metrics (``--sync_once``: time them all and
@@ -16,25 +23,29 @@ positions, as the trainer counts) over the step time.
 FLOPs: ``jaxlm.models.config.flops_per_token(model, seq_len)``, the formula of ``jaxlm info``
 and the trainer. For T5 span corruption the targets are shorter than the inputs (U < T) while
 the formula assumes one target per input token, so ``t5`` also shows an exact figure
-(``flops_exact``) counting the decoder at U targets.
+(``flops_per_step_exact``, see ``flops_per_example``) counting the decoder at U targets.
 
 MFU: achieved FLOP/s over (a) the measured matmul peak of the compute dtype from
 ``bench/results/peak.json`` (run ``bench/peak.py`` first; median step / median peak, and best
 step / best peak) and (b) a nominal peak (``--nominal``: cpu = the measured peaks, trainer =
 ``config.train.peak_flops`` 2.5e11, v5e 197e12, v5p 459e12, h100 989e12 bf16 / 67e12 f32, or a
-number). Memory: XLA's compiled-step estimate (arguments + outputs - donated + temporaries) and
+number); and (c) per CPU-second: step FLOPs over the process's CPU time against the matmul's
+FLOPs per CPU-second, a figure that other load on a shared machine barely moves. Memory: XLA's
+compiled-step estimate (arguments + outputs - donated + temporaries) and
 the process's peak RSS during the config (CPU has no jax ``memory_stats``; on GPU/TPU the device
 peak is reported instead).
 
 ``--restart``: the persistent compilation cache's restart cost. Runs a fresh process that
 compiles the step with an empty ``jax_compilation_cache_dir`` (min compile time and entry
-size 0), then a second fresh process with that warm cache dir, and prints both compile times,
-the whole-process wall time, and the warm/cold ratio.
+size 0), then a second fresh process with that warm cache dir (and, for reference, one with no
+cache), and prints the lower / compile / init times, the whole-process wall time and the
+warm/cold ratio; writes ``bench/results/restart.json``.
 
 Figures only; nothing passes or fails on time.
 
     python bench/peak.py && python bench/train.py
-    python bench/train.py --configs tiny,baby,d512,bert,t5 --dtypes float32,bfloat16 --steps 20
+    python bench/train.py --configs all --dtypes float32,bfloat16 --steps 20
+    python bench/train.py --configs baby --nominal v5e --sync_once
     python bench/train.py --configs baby --set model.remat=dots --set model.scan_layers=true
     python bench/train.py --restart --configs baby
 """
@@ -211,24 +222,6 @@ def build_step(config: config_lib.Config) -> dict[str, Any]:
     }
 
 
-def xla_memory(compiled: Any) -> dict[str, int] | None:
-    """XLA's memory analysis of the compiled step (bytes), or None when the backend gives none."""
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - not every backend implements it
-        return None
-    if m is None:
-        return None
-    out = {
-        "arguments": int(m.argument_size_in_bytes),
-        "outputs": int(m.output_size_in_bytes),
-        "aliased": int(m.alias_size_in_bytes),
-        "temporaries": int(m.temp_size_in_bytes),
-    }
-    out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
-    return out
-
-
 def run_steps(built: dict[str, Any], steps: int, *, sync_once: bool) -> tuple[list[float], list[float]]:
     """Wall and CPU seconds per step: 2 warm-up steps, then ``steps`` timed ones (see the module docstring)."""
     step, batch, rng = built["step"], built["batch"], built["rng"]
@@ -329,7 +322,7 @@ def bench_one(
         "flops_per_step": step_flops,
         "achieved_flops_per_s": achieved,
         "achieved_flops_per_s_best": achieved_best,
-        "xla_memory": xla_memory(built["step"]),
+        "xla_memory": common.compiled_memory(built["step"]),
         "peak_rss_bytes": rss,
         "peak_rss_source": rss_source,
         "device_peak_bytes": device_peak,
@@ -369,10 +362,6 @@ def load_peaks(measure: bool) -> dict[str, dict[str, float]] | None:
     }
 
 
-def fmt_mem(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**20:,.0f}"
-
-
 def pct(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{x:.{digits}%}"
 
@@ -392,7 +381,7 @@ def print_table(rows: list[dict[str, Any]], nominal_label: str) -> None:
             f"{r['achieved_flops_per_s'] / 1e9:>7.1f} {pct(r.get('mfu_measured_peak')):>6} "
             f"{pct(r.get('mfu_measured_peak_best')):>6} {pct(r.get('mfu_cpu_time')):>6} "
             f"{pct(r.get('mfu_nominal'), 2):>8} "
-            f"{fmt_mem((r['xla_memory'] or {}).get('total')):>7} {fmt_mem(r['peak_rss_bytes']):>7}"
+            f"{common.mib((r['xla_memory'] or {}).get('total')):>7} {common.mib(r['peak_rss_bytes']):>7}"
         )
     print(
         "tok/s, step ms: median over the timed steps; best, min ms: the fastest step; cpu ms: median process CPU "
@@ -477,12 +466,12 @@ def restart(configs: list[str], dtypes: list[str], extra: dict[str, str], repeat
                 runs["no cache"].append(spawn(name, dtype, "none", extra))
                 with tempfile.TemporaryDirectory(prefix="jaxlm-xla-cache-") as cache:
                     runs["cold"].append(spawn(name, dtype, cache, extra))
-                    runs["cold"][-1]["cache_bytes"] = dir_bytes(cache)
+                    runs["cold"][-1]["cache_bytes"] = common.dir_bytes(cache)
                     runs["warm"].append(spawn(name, dtype, cache, extra))
-                    runs["warm"][-1]["cache_bytes"] = dir_bytes(cache)
+                    runs["warm"][-1]["cache_bytes"] = common.dir_bytes(cache)
                 for label in runs:
                     r = runs[label][-1]
-                    cache_mib = fmt_mem(r.get("cache_bytes")) if "cache_bytes" in r else "-"
+                    cache_mib = common.mib(r.get("cache_bytes")) if "cache_bytes" in r else "-"
                     print(
                         f"{name:<6} {dtype:<9} {label:<10} {r['lower_s']:>8.2f} {r['compile_s']:>9.2f} "
                         f"{r['init_s']:>7.2f} {r['process_wall_s']:>9.2f} {cache_mib:>9}",
@@ -515,24 +504,6 @@ def restart(configs: list[str], dtypes: list[str], extra: dict[str, str], repeat
     return rows
 
 
-def dir_bytes(path: str) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            total += os.path.getsize(os.path.join(root, f))
-    return total
-
-
-def parse_sets(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--set {item!r}: expected section.key=value, e.g. model.remat=dots")
-        k, v = item.split("=", 1)
-        out[k.strip().removeprefix("config.")] = v.strip()
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, of {', '.join(CONFIGS)}; or all")
@@ -563,7 +534,7 @@ def main() -> None:
             parser.error(f"--dtypes: {d!r} is not float32 or bfloat16")
     if args.steps < 1:
         parser.error("--steps must be at least 1")
-    extra = parse_sets(args.set)
+    extra = common.parse_overrides(args.set)
 
     if args._child_cache_dir is not None:
         # A fresh process: point JAX's persistent compilation cache at the given dir (before
