@@ -101,9 +101,11 @@ def latest_step(workdir: str) -> int | None:
     directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
     if not os.path.isdir(directory):
         return None
-    return ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False)
-    ).latest_step()
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()  # release its background threads: this runs from polling loops in tests and tools
 
 
 def restore_latest_good(
