@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -370,3 +371,73 @@ def test_a_port_in_use_becomes_a_user_error(monkeypatch):
     monkeypatch.setattr(jax.distributed, "initialize", fail)
     with pytest.raises(UserError, match="Failed to start RPC server; the port is probably in use"):
         distributed.initialize("127.0.0.1:4", 2, 0, timeout_s=5)
+
+
+# ---- Preemption with several processes: they agree on the step.
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes_exactly(tmp_path):
+    """SIGTERM reaches only process 1 (not the one writing metrics); both save one step and exit 0."""
+    files = _write_corpus(str(tmp_path / "corpus"))
+    raw = config_lib.from_json(config_lib.to_json(_config(files, str(tmp_path / "datasets"), {"data": 2, "fsdp": 4})))
+    raw.train.num_steps = 2000
+    raw.train.log_every = 3  # the processes compare their SIGTERM flags every 3 steps
+    raw.checkpoint.every_steps = 10_000
+    raw.optim.schedule, raw.optim.warmup_steps = "constant", 0  # so a shorter rerun is the same run
+    cfg = config_lib.validate(raw)
+    sources.open_sources(cfg.data)
+    config_json = tmp_path / "config.json"
+    config_json.write_text(config_lib.to_json(cfg))
+    workdir, port = str(tmp_path / "two"), _free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                WORKER,
+                "train",
+                str(i),
+                str(PROCESSES),
+                str(port),
+                str(config_json),
+                workdir,
+                str(tmp_path / "record"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_worker_env(),
+        )
+        for i in range(PROCESSES)
+    ]
+    deadline = time.time() + 110
+    while time.time() < deadline and not _losses(workdir) and all(p.poll() is None for p in procs):
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = []
+    for p in procs:
+        try:
+            outputs.append(p.communicate(timeout=110)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("the processes did not stop within 110 s of SIGTERM")
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    said = [re.findall(r"preempted: saved step (\d+)", out) for out in outputs]
+    assert said[0] and said[0] == said[1], said  # both stopped, at the same step
+    saved = int(said[0][0])
+    assert saved % cfg.train.log_every == 0 and saved < cfg.train.num_steps
+    assert checkpoint.latest_step(workdir) == saved
+    # Resume (here on one process with the same 2 data shards) and compare with an uninterrupted run.
+    end = saved + 3
+    shorter = config_lib.from_json(config_lib.to_json(cfg))
+    shorter.train.num_steps, shorter.data.num_shards = end, PROCESSES
+    shorter = config_lib.validate(shorter)
+    train.run(shorter, workdir)
+    fresh = str(tmp_path / "fresh")
+    train.run(shorter, fresh)
+    resumed, uninterrupted = _losses(workdir), _losses(fresh)
+    assert sorted(resumed) == sorted(uninterrupted) == list(range(cfg.train.log_every, end + 1, cfg.train.log_every))
+    for step in uninterrupted:  # before the SIGTERM (2 processes) and after the resume (1 process)
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5), (step, resumed, uninterrupted)
