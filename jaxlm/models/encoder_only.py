@@ -55,7 +55,7 @@ import jax.numpy as jnp
 from jaxlm import logical_axes as ax
 from jaxlm.config_lib import ModelConfig
 from jaxlm.models.transformer import ACT, BlockStack, add_positions, dtypes, norm
-from jaxlm.nn import masks
+from jaxlm.nn import masks, matmul
 from jaxlm.nn.embeddings import Embed, positions_like
 from jaxlm.nn.linears import DenseGeneral, activation
 
@@ -107,7 +107,7 @@ class MlmHead(nn.Module):
                 (cfg.vocab_size,), (ax.EMBED, ax.VOCAB), use_bias=False, dtype=dt, param_dtype=pdt, name="decoder"
             )(h).astype(jnp.float32)
         else:
-            logits = jnp.einsum("btd,vd->btv", h.astype(dt), embedding.astype(dt), preferred_element_type=jnp.float32)
+            logits = matmul.einsum("btd,vd->btv", h, embedding, dt)
         bias = self.param(
             "bias", nn.with_logical_partitioning(nn.initializers.zeros, (ax.VOCAB,)), (cfg.vocab_size,), pdt
         )

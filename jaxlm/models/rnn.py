@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from jaxlm import logical_axes as ax
 from jaxlm.config_lib import ModelConfig
 from jaxlm.models.transformer import REMAT_POLICIES, dtypes
+from jaxlm.nn import matmul
 from jaxlm.nn.embeddings import Embed
 from jaxlm.nn.linears import DenseGeneral
 
@@ -96,7 +97,7 @@ class RecurrentLayer(nn.Module):
 
         kernel = param("kernel", (d_in, gates * h_dim), (ax.EMBED, ax.MLP), shifted)
         recurrent_kernel = param("recurrent_kernel", (h_dim, gates * h_dim), (ax.EMBED, ax.MLP), shifted)
-        xg = jnp.einsum("btd,dg->btg", x.astype(dt), kernel.astype(dt), preferred_element_type=jnp.float32)
+        xg = matmul.einsum("btd,dg->btg", x, kernel, dt)
         recurrent_bias = jnp.zeros((gates * h_dim,), jnp.float32)
         if cfg.use_bias:
             xg = xg + param("bias", (gates * h_dim,), (ax.MLP,), nn.initializers.zeros).astype(jnp.float32)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import logical_axes as ax
-from jaxlm.nn import masks
+from jaxlm.nn import masks, matmul
 from jaxlm.nn.blockwise import NEG, blockwise, group_heads
 from jaxlm.nn.linears import DenseGeneral, default_kernel_init
 from jaxlm.nn.positions import apply_rope
@@ -77,7 +77,7 @@ def xla_attention(
     s, k_heads = key.shape[1], key.shape[2]
     g = n // k_heads
     q = query.reshape(b, t, k_heads, g, h) * jnp.asarray(h**-0.5, query.dtype)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, key, preferred_element_type=jnp.float32)
+    logits = matmul.einsum("btkgh,bskh->bkgts", q, key, query.dtype)
     if bias is not None:
         logits = logits + group_heads(bias, k_heads).astype(jnp.float32)
     if causal:
@@ -92,7 +92,7 @@ def xla_attention(
     if not deterministic and dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-    out = jnp.einsum("bkgts,bskh->btkgh", weights.astype(value.dtype), value, preferred_element_type=jnp.float32)
+    out = matmul.einsum("bkgts,bskh->btkgh", weights, value, value.dtype)
     out = out.reshape(b, t, n, h).astype(query.dtype)
     if return_weights:
         return out, weights.reshape(b, n, t, s)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import logical_axes as ax
+from jaxlm.nn import matmul
 from jaxlm.nn.linears import default_kernel_init
 
 
@@ -38,12 +39,7 @@ class Embed(nn.Module):
 
     def attend(self, x: jnp.ndarray) -> jnp.ndarray:
         """``[B, T, D] -> [B, T, V]`` logits in float32."""
-        return jnp.einsum(
-            "btd,vd->btv",
-            x.astype(self.dtype),
-            self.embedding.astype(self.dtype),
-            preferred_element_type=jnp.float32,
-        )
+        return matmul.einsum("btd,vd->btv", x, self.embedding, self.dtype)
 
 
 def sinusoidal_table(length: int, features: int, max_timescale: float = 10_000.0) -> np.ndarray:

@@ -1,8 +1,8 @@
 """Dense layers with logical axis names, activations, and the Transformer MLP (plain or gated).
 
 Shapes: B batch, T length, D model dim, F mlp dim. Matmuls feed ``dtype`` operands and
-accumulate in float32 (``preferred_element_type``), which is what makes bf16 fast on CPUs with
-AMX and on TPUs/GPUs.
+accumulate in float32, forward and backward (:mod:`jaxlm.nn.matmul`), which is what makes bf16
+fast on CPUs with bf16 units and on TPUs/GPUs.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import logical_axes as ax
+from jaxlm.nn import matmul
 
 Initializer = Callable[..., jnp.ndarray]
 
@@ -52,14 +52,7 @@ class DenseGeneral(nn.Module):
             in_shape + features,
             self.param_dtype,
         )
-        contract_x = tuple(range(x.ndim - self.in_axes, x.ndim))
-        contract_k = tuple(range(self.in_axes))
-        y = jax.lax.dot_general(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            ((contract_x, contract_k), ((), ())),
-            preferred_element_type=jnp.float32,
-        )
+        y = matmul.einsum(_dense_spec(x.ndim, self.in_axes, len(features)), x, kernel, self.dtype)
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -69,6 +62,15 @@ class DenseGeneral(nn.Module):
             )
             y = y + bias.astype(jnp.float32)
         return y.astype(self.dtype)
+
+
+def _dense_spec(x_ndim: int, in_axes: int, out_axes: int) -> str:
+    """The einsum of a dense layer, e.g. ``"abC,CD->abD"`` for rank 3, one input, one output axis."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    batch = letters[: x_ndim - in_axes]
+    contracted = letters[x_ndim - in_axes : x_ndim].upper()
+    out = letters[x_ndim : x_ndim + out_axes].upper()
+    return f"{batch}{contracted},{contracted}{out}->{batch}{out}"
 
 
 def _gelu_tanh(x: jnp.ndarray) -> jnp.ndarray:
