@@ -37,6 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
+    "model.grad_barrier": ("auto", "on", "off"),
     "data.source": ("builtin", "files", "tfds", "synthetic"),
     "data.tokenizer": ("byte", "char", "sentencepiece_unigram", "sentencepiece_bpe", "hf"),
     "data.objective": ("causal_lm", "masked_lm", "nsp", "span_corruption", "seq2seq"),
@@ -85,6 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.scan_layers = False
     c.model.remat = "none"
+    # Materialise the residual-stream gradient once per sublayer (jaxlm/nn/barrier.py): auto = on
+    # for the CPU backend, where XLA would otherwise recompute it in every consumer; off on GPU/TPU.
+    c.model.grad_barrier = "auto"
     c.model.pre_norm = True  # pre-LayerNorm (GPT-2, T5); False: post-LayerNorm (original Transformer, BERT)
     c.model.norm_eps = 1e-5
     c.model.use_bias = True  # biases in dense layers (False for T5 / LLaMA style)
@@ -316,6 +320,7 @@ class ModelConfig:
     param_dtype: str
     scan_layers: bool
     remat: str
+    grad_barrier: str
     pre_norm: bool
     norm_eps: float
     use_bias: bool

@@ -33,6 +33,7 @@ from jaxlm import logical_axes as ax
 from jaxlm.config_lib import ModelConfig
 from jaxlm.models import config as model_config
 from jaxlm.nn.attention import MultiHeadAttention
+from jaxlm.nn.barrier import materialize_grad
 from jaxlm.nn.embeddings import LearnedPositions, SinusoidalPositions, positions_like
 from jaxlm.nn.linears import Mlp, residual_init_std
 from jaxlm.nn.normalization import make_norm
@@ -45,6 +46,17 @@ REMAT_POLICIES: dict[str, Any] = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+
+
+def uses_grad_barrier(cfg: ModelConfig) -> bool:
+    """Whether blocks pass the residual-stream gradient through :func:`materialize_grad`.
+
+    ``auto`` is on for the CPU backend only: XLA:GPU/TPU do not duplicate the gradient chain into
+    its consumers, and a GPU conditional copies its predicate to the host.
+    """
+    if cfg.grad_barrier == "auto":
+        return jax.default_backend() == "cpu"
+    return cfg.grad_barrier == "on"
 
 
 def dtypes(cfg: ModelConfig) -> tuple[Any, Any]:
@@ -151,6 +163,7 @@ class TransformerBlock(nn.Module):
         dt, pdt = dtypes(cfg)
         out_std = residual_init_std(self.num_layers)
         rope = cfg.position == "rope"
+        barrier = uses_grad_barrier(cfg)
         attention = dict(
             num_heads=cfg.num_heads,
             num_kv_heads=model_config.kv_heads(cfg),
@@ -164,6 +177,8 @@ class TransformerBlock(nn.Module):
         )
 
         def sublayer(x: jnp.ndarray, name: str, fn: Any) -> jnp.ndarray:
+            if barrier:
+                x = materialize_grad(x)
             if cfg.pre_norm:
                 h = fn(norm(cfg, f"{name}_norm")(x))
                 return x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)

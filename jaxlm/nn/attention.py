@@ -65,7 +65,8 @@ def xla_attention(
       mask: boolean, broadcastable to ``[B, N, T, S]``; False blocks attention.
       bias: additive logits bias broadcastable to ``[B, N, T, S]`` (relative positions, ALiBi).
       dropout_rate: probability of dropping an attention probability.
-      dropout_rng: PRNG key for dropout; the keep-mask is ``bernoulli(rng, 1 - rate, [B, K, G, T, S])``.
+      dropout_rng: PRNG key for dropout; the keep-mask is ``bernoulli(rng, 1 - rate, [B, K, G, T, S])``
+        (``[B, N, T, S]`` when G = 1: the same draws).
       deterministic: disables dropout.
       return_weights: also return the attention probabilities ``[B, N, T, S]`` (after dropout).
       causal: also apply the causal mask (key s <= query t).
@@ -76,23 +77,30 @@ def xla_attention(
     b, t, n, h = query.shape
     s, k_heads = key.shape[1], key.shape[2]
     g = n // k_heads
-    q = query.reshape(b, t, k_heads, g, h) * jnp.asarray(h**-0.5, query.dtype)
-    logits = matmul.einsum("btkgh,bskh->bkgts", q, key, query.dtype)
+    q = query * jnp.asarray(h**-0.5, query.dtype)
+    if g == 1:
+        # Plain multi-head attention: 4-D logits [B, N, T, S]. (A size-1 group axis costs
+        # XLA:CPU layout copies of every [B, N, T, S] array.)
+        heads, logits_spec, out_spec = (lambda x: _to4d(x)), "btnh,bsnh->bnts", "bnts,bsnh->btnh"
+    else:
+        q = q.reshape(b, t, k_heads, g, h)
+        heads, logits_spec, out_spec = (lambda x: group_heads(x, k_heads)), "btkgh,bskh->bkgts", "bkgts,bskh->btkgh"
+    logits = matmul.einsum(logits_spec, q, key, query.dtype)
     if bias is not None:
-        logits = logits + group_heads(bias, k_heads).astype(jnp.float32)
+        logits = logits + heads(bias).astype(jnp.float32)
     if causal:
         mask = masks.combine(mask, _causal(t, s))
     if mask is not None:
-        mask5 = group_heads(mask, k_heads)
-        logits = jnp.where(mask5, logits, NEG)
+        grouped_mask = heads(mask)
+        logits = jnp.where(grouped_mask, logits, NEG)
     weights = jax.nn.softmax(logits, axis=-1)
     if mask is not None:
         # A row that may attend to nothing softmaxes to uniform weights; make it zeros instead.
-        weights = jnp.where(mask5, weights, 0.0)
+        weights = weights * jnp.any(grouped_mask, axis=-1, keepdims=True)
     if not deterministic and dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-    out = matmul.einsum("bkgts,bskh->btkgh", weights, value, value.dtype)
+    out = matmul.einsum(out_spec, weights, value, value.dtype)
     out = out.reshape(b, t, n, h).astype(query.dtype)
     if return_weights:
         return out, weights.reshape(b, n, t, s)

@@ -53,7 +53,18 @@ def _einsum_bwd(spec: str, dtype: Any, residuals, g: jnp.ndarray):
     a, b, out = _parse(spec)
     gc = g.astype(dtype)
     dx = jnp.einsum(f"{out},{b}->{a}", gc, yc, preferred_element_type=F32)
-    dy = jnp.einsum(f"{a},{out}->{b}", xc, gc, preferred_element_type=F32)
+    # XLA:CPU's matmul wants the contracted axes of its first operand innermost, so the first
+    # operand of a weight gradient (contracted over batch and length) is copied transposed. Put
+    # the smaller of the two first: for an MLP's output layer that transposes the [B*T, D]
+    # gradient instead of the 4x larger [B*T, F] activation.
+    if gc.size < xc.size:
+        free = "".join(i for i in out if i in b)
+        rest = "".join(i for i in b if i not in free)
+        dy_t = jnp.einsum(f"{out},{a}->{free}{rest}", gc, xc, preferred_element_type=F32)
+        dy_t = jax.lax.optimization_barrier(dy_t)
+        dy = jnp.einsum(f"{free}{rest}->{b}", dy_t)
+    else:
+        dy = jnp.einsum(f"{a},{out}->{b}", xc, gc, preferred_element_type=F32)
     return dx.astype(x_like.dtype), dy.astype(y_like.dtype)
 
 

@@ -189,3 +189,23 @@ def test_relative_bias_is_shared_and_directional():
         # bucket 0, so at length 12 bucket 10 is used and 17 is not; bidirectional stacks put
         # later keys in buckets 16 + d.
         assert (not np.allclose(a, b)) == changes, (kind, bucket)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_grad_barrier_changes_the_compiled_backward_not_the_gradients(kind):
+    grads, conditionals = {}, {}
+    for setting in ("on", "off"):
+        model, params = _init(_cfg(kind, grad_barrier=setting))
+
+        def loss(p, model=model):
+            out = _apply(model, p)  # encoder_only returns a dict of heads
+            return sum(jnp.mean(x**2) for x in jax.tree.leaves(out))
+
+        step = jax.jit(jax.grad(loss))
+        conditionals[setting] = step.lower(params).compile().as_text().count("conditional(")
+        grads[setting] = step(params)
+    assert conditionals["off"] == 0 and conditionals["on"] >= 2 * 2  # one per sublayer
+    for a, b in zip(jax.tree.leaves(grads["on"]), jax.tree.leaves(grads["off"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # auto: on for the CPU backend these tests run on.
+    assert models.transformer.uses_grad_barrier(_cfg(kind)) == (jax.default_backend() == "cpu")
