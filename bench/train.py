@@ -28,7 +28,7 @@ the formula assumes one target per input token, so ``t5`` also shows an exact fi
 MFU: achieved FLOP/s over (a) the measured matmul peak of the compute dtype from
 ``bench/results/peak.json`` (run ``bench/peak.py`` first; median step / median peak, and best
 step / best peak) and (b) a nominal peak (``--nominal``: cpu = the measured peaks, trainer =
-``config.train.peak_flops`` 2.5e11, v5e 197e12, v5p 459e12, h100 989e12 bf16 / 67e12 f32, or a
+``config.train.peak_flops`` 4.7e11, v5e 197e12, v5p 459e12, h100 989e12 bf16 / 67e12 f32, or a
 number); and (c) per CPU-second: step FLOPs over the process's CPU time against the matmul's
 FLOPs per CPU-second, a figure that other load on a shared machine barely moves. Memory: XLA's
 compiled-step estimate (arguments + outputs - donated + temporaries) and

@@ -156,7 +156,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 50
     c.train.eval_every = 200  # 0 disables periodic eval (a final eval still runs)
     c.train.eval_steps = 10
-    c.train.peak_flops = 2.5e11  # per device, for MFU; ~ f32 matmul peak of a 2-core AMX CPU
+    c.train.peak_flops = 4.7e11  # per device, for MFU; f32 matmul peak of a 2-core AVX-512 CPU (bench/peak.py)
     c.train.progress = True  # progress bar on stderr
     # A step whose loss or gradients are not finite never updates the state. 'skip' carries on
     # and stops after max_nonfinite_steps such steps in a row; 'stop' stops at the first one.

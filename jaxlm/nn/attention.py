@@ -78,9 +78,11 @@ def xla_attention(
     s, k_heads = key.shape[1], key.shape[2]
     g = n // k_heads
     q = query * jnp.asarray(h**-0.5, query.dtype)
-    if g == 1:
-        # Plain multi-head attention: 4-D logits [B, N, T, S]. (A size-1 group axis costs
-        # XLA:CPU layout copies of every [B, N, T, S] array.)
+    if g == 1 and query.dtype == jnp.float32:
+        # Plain multi-head attention in float32: 4-D logits [B, N, T, S]; a size-1 group axis
+        # costs XLA:CPU a layout copy of each [B, N, T, S] array (baby GPT: 8% of the step).
+        # Not for bf16: XLA:CPU then leaves the backward's batched matmuls in layouts for
+        # which it has no bf16 x bf16 -> f32 kernel (an error at run time).
         heads, logits_spec, out_spec = (lambda x: _to4d(x)), "btnh,bsnh->bnts", "bnts,bsnh->btnh"
     else:
         q = q.reshape(b, t, k_heads, g, h)
