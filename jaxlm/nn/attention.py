@@ -31,9 +31,10 @@ import jax.numpy as jnp
 
 from jaxlm import logical_axes as ax
 from jaxlm.nn import masks, matmul
-from jaxlm.nn.blockwise import NEG, blockwise, group_heads
+from jaxlm.nn.blockwise import blockwise, group_heads
 from jaxlm.nn.linears import DenseGeneral, default_kernel_init
 from jaxlm.nn.positions import apply_rope
+from jaxlm.nn.softmax import masked_softmax
 
 AttentionOutput = jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]
 
@@ -92,13 +93,7 @@ def xla_attention(
         logits = logits + heads(bias).astype(jnp.float32)
     if causal:
         mask = masks.combine(mask, _causal(t, s))
-    if mask is not None:
-        grouped_mask = heads(mask)
-        logits = jnp.where(grouped_mask, logits, NEG)
-    weights = jax.nn.softmax(logits, axis=-1)
-    if mask is not None:
-        # A row that may attend to nothing softmaxes to uniform weights; make it zeros instead.
-        weights = weights * jnp.any(grouped_mask, axis=-1, keepdims=True)
+    weights = masked_softmax(logits, None if mask is None else heads(mask))
     if not deterministic and dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
