@@ -38,6 +38,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
     "model.grad_barrier": ("auto", "on", "off"),
+    "model.fuse_qkv": ("auto", "on", "off"),
     "data.source": ("builtin", "files", "tfds", "synthetic"),
     "data.tokenizer": ("byte", "char", "sentencepiece_unigram", "sentencepiece_bpe", "hf"),
     "data.objective": ("causal_lm", "masked_lm", "nsp", "span_corruption", "seq2seq"),
@@ -89,6 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Materialise the residual-stream gradient once per sublayer (jaxlm/nn/barrier.py): auto = on
     # for the CPU backend, where XLA would otherwise recompute it in every consumer; off on GPU/TPU.
     c.model.grad_barrier = "auto"
+    # Query/key/value projections as one matmul over the concatenated kernels (same parameters).
+    # auto = on for the CPU backend, where it was measured; off elsewhere, since concatenating
+    # kernels that are sharded over heads (tensor parallelism) costs a reshuffle.
+    c.model.fuse_qkv = "auto"
     c.model.pre_norm = True  # pre-LayerNorm (GPT-2, T5); False: post-LayerNorm (original Transformer, BERT)
     c.model.norm_eps = 1e-5
     c.model.use_bias = True  # biases in dense layers (False for T5 / LLaMA style)
@@ -321,6 +326,7 @@ class ModelConfig:
     scan_layers: bool
     remat: str
     grad_barrier: str
+    fuse_qkv: str
     pre_norm: bool
     norm_eps: float
     use_bias: bool

@@ -48,15 +48,20 @@ REMAT_POLICIES: dict[str, Any] = {
 }
 
 
+def cpu_auto(setting: str) -> bool:
+    """An ``auto`` / ``on`` / ``off`` model switch; ``auto`` is on for the CPU backend only."""
+    if setting == "auto":
+        return jax.default_backend() == "cpu"
+    return setting == "on"
+
+
 def uses_grad_barrier(cfg: ModelConfig) -> bool:
     """Whether blocks pass the residual-stream gradient through :func:`materialize_grad`.
 
     ``auto`` is on for the CPU backend only: XLA:GPU/TPU do not duplicate the gradient chain into
     its consumers, and a GPU conditional copies its predicate to the host.
     """
-    if cfg.grad_barrier == "auto":
-        return jax.default_backend() == "cpu"
-    return cfg.grad_barrier == "on"
+    return cpu_auto(cfg.grad_barrier)
 
 
 def dtypes(cfg: ModelConfig) -> tuple[Any, Any]:
@@ -174,6 +179,7 @@ class TransformerBlock(nn.Module):
             out_init_std=out_std,
             dtype=dt,
             param_dtype=pdt,
+            fuse_projections=cpu_auto(cfg.fuse_qkv),
         )
 
         def sublayer(x: jnp.ndarray, name: str, fn: Any) -> jnp.ndarray:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jaxlm import logical_axes as ax
 from jaxlm.nn import masks, matmul
 from jaxlm.nn.blockwise import blockwise, group_heads
-from jaxlm.nn.linears import DenseGeneral, default_kernel_init
+from jaxlm.nn.linears import DenseGeneral, default_kernel_init, fused_dense
 from jaxlm.nn.positions import apply_rope
 from jaxlm.nn.softmax import masked_softmax
 
@@ -256,6 +256,10 @@ class MultiHeadAttention(nn.Module):
     positions (``positions`` / ``kv_positions``; by default ``0..T-1``, offset by the cache
     index in decode mode; cross-attention keys default to ``0..S-1``). ``rope_scale`` is linear
     position interpolation (see ``jaxlm.nn.positions.apply_rope``).
+
+    ``fuse_projections`` computes the query, key and value projections (key and value for
+    cross-attention) as one matmul over their concatenated kernels (:func:`fused_dense`); the
+    parameters are the same either way.
     """
 
     num_heads: int
@@ -269,6 +273,7 @@ class MultiHeadAttention(nn.Module):
     rope_scale: float = 1.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    fuse_projections: bool = False
 
     @nn.compact
     def __call__(
@@ -303,9 +308,15 @@ class MultiHeadAttention(nn.Module):
         dense = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
         q_axes = (ax.EMBED, ax.HEADS, ax.HEAD_DIM)
         kv_axes = (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM)
-        q = DenseGeneral((self.num_heads, self.head_dim), q_axes, name="query", **dense)(inputs_q)
-        k = DenseGeneral((self.num_kv_heads, self.head_dim), kv_axes, name="key", **dense)(kv)
-        v = DenseGeneral((self.num_kv_heads, self.head_dim), kv_axes, name="value", **dense)(kv)
+        query = DenseGeneral((self.num_heads, self.head_dim), q_axes, name="query", **dense)
+        key = DenseGeneral((self.num_kv_heads, self.head_dim), kv_axes, name="key", **dense)
+        value = DenseGeneral((self.num_kv_heads, self.head_dim), kv_axes, name="value", **dense)
+        if not self.fuse_projections:
+            q, k, v = query(inputs_q), key(kv), value(kv)
+        elif cross:
+            q, (k, v) = query(inputs_q), fused_dense([key, value], kv)
+        else:
+            q, k, v = fused_dense([query, key, value], inputs_q)
         q = nn.with_logical_constraint(q, (ax.ACT_BATCH, ax.ACT_LENGTH, ax.ACT_HEADS, ax.ACT_HEAD_DIM))
         k = nn.with_logical_constraint(k, (ax.ACT_BATCH, ax.ACT_KV_LENGTH, ax.ACT_KV_HEADS, ax.ACT_HEAD_DIM))
         v = nn.with_logical_constraint(v, (ax.ACT_BATCH, ax.ACT_KV_LENGTH, ax.ACT_KV_HEADS, ax.ACT_HEAD_DIM))

