@@ -29,7 +29,7 @@ def _markov_corpus(tmp_path, vocab=6, length=300_000, seed=0):
     return str(path), entropy
 
 
-def test_tiny_model_learns_a_markov_source_to_its_entropy(tiny_config, tmp_path):
+def test_tiny_model_learns_a_markov_source_to_its_entropy_in_float32_and_bfloat16(tiny_config, tmp_path):
     path, entropy = _markov_corpus(tmp_path)
     c = tiny_config
     c.data.source = "files"
@@ -39,9 +39,14 @@ def test_tiny_model_learns_a_markov_source_to_its_entropy(tiny_config, tmp_path)
     c.train.eval_steps = 20
     c.optim.warmup_steps = 20
     c.data.batch_size = 16
-    metrics = train.run(config_lib.validate(c), str(tmp_path / "w"))
-    assert metrics["eval_loss"] < 1.05 * entropy, (metrics["eval_loss"], entropy)
-    assert metrics["eval_loss"] > 0.97 * entropy  # cannot beat the source's entropy by much
+    eval_loss = {}
+    for dtype in ("float32", "bfloat16"):  # bf16 operands, f32 accumulation, f32 params
+        c.model.dtype = dtype
+        eval_loss[dtype] = train.run(config_lib.validate(c), str(tmp_path / dtype))["eval_loss"]
+        assert eval_loss[dtype] < 1.05 * entropy, (dtype, eval_loss, entropy)
+        assert eval_loss[dtype] > 0.97 * entropy  # cannot beat the source's entropy by much
+    print(f"entropy rate {entropy:.4f}; eval loss {eval_loss}")
+    assert abs(eval_loss["bfloat16"] - eval_loss["float32"]) < 0.02 * eval_loss["float32"], eval_loss
 
 
 def _losses(workdir):
