@@ -88,6 +88,35 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
 
 
+def _start_training(port, config_json, workdir, record):
+    """The PROCESSES worker processes of one multi-process training run."""
+    return [
+        subprocess.Popen(
+            [sys.executable, WORKER, "train", str(i), str(PROCESSES), str(port), str(config_json), workdir, record],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_worker_env(),
+        )
+        for i in range(PROCESSES)
+    ]
+
+
+def _outputs(procs, timeout_message):
+    """Each process's output once all have exited with status 0 (within 110 s)."""
+    outputs = []
+    for p in procs:
+        try:
+            outputs.append(p.communicate(timeout=110)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(timeout_message)
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    return outputs
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     """Train on 2 processes x 4 devices (mesh data=2, fsdp=2, tensor=2); returns what they did."""
@@ -100,26 +129,8 @@ def two_process_run(tmp_path_factory):
     workdir, record = str(tmp / "two"), str(tmp / "record")
     port = _free_port()
     start = time.perf_counter()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, WORKER, "train", str(i), str(PROCESSES), str(port), str(config_json), workdir, record],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=_worker_env(),
-        )
-        for i in range(PROCESSES)
-    ]
-    outputs = []
-    for p in procs:
-        try:
-            outputs.append(p.communicate(timeout=110)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("the two-process run did not finish in 110 s")
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
+    procs = _start_training(port, config_json, workdir, record)
+    outputs = _outputs(procs, "the two-process run did not finish in 110 s")
     records = [dict(np.load(f"{record}.{i}.npz")) for i in range(PROCESSES)]
     return {
         "cfg": cfg,
@@ -390,40 +401,12 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes_exactly(
     config_json = tmp_path / "config.json"
     config_json.write_text(config_lib.to_json(cfg))
     workdir, port = str(tmp_path / "two"), _free_port()
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                WORKER,
-                "train",
-                str(i),
-                str(PROCESSES),
-                str(port),
-                str(config_json),
-                workdir,
-                str(tmp_path / "record"),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=_worker_env(),
-        )
-        for i in range(PROCESSES)
-    ]
+    procs = _start_training(port, config_json, workdir, str(tmp_path / "record"))
     deadline = time.time() + 110
     while time.time() < deadline and not _losses(workdir) and all(p.poll() is None for p in procs):
         time.sleep(0.2)
     procs[1].send_signal(signal.SIGTERM)
-    outputs = []
-    for p in procs:
-        try:
-            outputs.append(p.communicate(timeout=110)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("the processes did not stop within 110 s of SIGTERM")
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
+    outputs = _outputs(procs, "the processes did not stop within 110 s of SIGTERM")
     said = [re.findall(r"preempted: saved step (\d+)", out) for out in outputs]
     assert said[0] and said[0] == said[1], said  # both stopped, at the same step
     saved = int(said[0][0])
