@@ -84,7 +84,7 @@ def xla_attention(
         # costs XLA:CPU a layout copy of each [B, N, T, S] array (baby GPT: 8% of the step).
         # Not for bf16: XLA:CPU then leaves the backward's batched matmuls in layouts for
         # which it has no bf16 x bf16 -> f32 kernel (an error at run time).
-        heads, logits_spec, out_spec = (lambda x: _to4d(x)), "btnh,bsnh->bnts", "bnts,bsnh->btnh"
+        heads, logits_spec, out_spec = _to4d, "btnh,bsnh->bnts", "bnts,bsnh->btnh"
     else:
         q = q.reshape(b, t, k_heads, g, h)
         heads, logits_spec, out_spec = (lambda x: group_heads(x, k_heads)), "btkgh,bskh->bkgts", "bkgts,bskh->btkgh"
