@@ -59,7 +59,7 @@ def uses_grad_barrier(cfg: ModelConfig) -> bool:
     """Whether blocks pass the residual-stream gradient through :func:`materialize_grad`.
 
     ``auto`` is on for the CPU backend only: XLA:GPU/TPU do not duplicate the gradient chain into
-    its consumers, and a GPU conditional copies its predicate to the host.
+    its consumers, and a GPU conditional can cost a device-to-host copy of its predicate.
     """
     return cpu_auto(cfg.grad_barrier)
 

@@ -12,7 +12,7 @@ memory quadratically in depth: a fifth of a 6-layer step at 384 wide.
 conditional is never fused, so its output is a buffer that every consumer reads, which bounds
 the recomputation to one block. ``model.grad_barrier`` selects it: ``auto`` (the default) is
 on for the CPU backend only, since XLA:GPU/TPU do not duplicate the chain like this and a GPU
-conditional copies its predicate to the host.
+conditional can cost a device-to-host copy of its predicate (outside CUDA graphs).
 """
 
 from __future__ import annotations
