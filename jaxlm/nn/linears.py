@@ -78,9 +78,9 @@ def fused_dense(layers: Sequence[DenseGeneral], x: jnp.ndarray) -> list[jnp.ndar
 
     Same parameters (each layer keeps its own ``kernel`` / ``bias``) and the same results as
     calling the layers one by one; one wide matmul runs closer to the hardware's peak than
-    several narrow ones (a 384-wide query, key and value: 261 GFLOP/s each on this CPU, 420 as
-    one 1152-wide matmul). The layers need ``in_axes=1``, equal dtypes and bias settings, and
-    features that differ only in their first axis (e.g. ``(N, H)`` and ``(K, H)``).
+    several narrow ones (baby GPT, f32, 2-core CPU: 2,993 -> 3,196 tokens/s). The layers need
+    ``in_axes=1``, equal dtypes and bias settings, and features that differ only in their first
+    axis (e.g. ``(N, H)`` and ``(K, H)``).
     """
     first = layers[0]
     params = [layer(x, params_only=True) for layer in layers]
