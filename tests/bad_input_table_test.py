@@ -99,6 +99,7 @@ CASES = {
     "num-steps": (_train(["--config.train.num_steps=-5"], workdir_key="n22"), "num_steps=-5 must be > 0"),
     "tokenizer-name": (_train(["--config.data.tokenizer=nope"], workdir_key="n23"), "config.data.tokenizer='nope'"),
     "hf-needs-path": (_train(["--config.data.tokenizer=hf"], workdir_key="n24"), "tokenizer_path"),
+    "float16-on-cpu": (_train(["--config.model.dtype=float16"], workdir_key="n31"), "use bfloat16 or float32"),
     # --- data
     "files-empty-glob": (_train(["--config.data.files="], workdir_key="n25"), "config.data.files is empty"),
     "files-missing": (

@@ -83,6 +83,9 @@ def build(config: Config, vocab_size: int, *, num_steps: int | None = None) -> E
             f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {vocab_size}; "
             "set it to 0 to follow the tokenizer"
         )
+    if config.model.dtype == "float16" and jax.default_backend() == "cpu":
+        # XLA:CPU has no float16 x float16 -> float32 matmul; it would fail at compile time.
+        raise ConfigError("config.model.dtype=float16 does not run on the CPU backend; use bfloat16 or float32")
     mesh = sharding.make_mesh(config.mesh)
     rules = config.sharding.as_tuples()
     model = models.build(model_cfg)
