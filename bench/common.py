@@ -20,19 +20,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from jaxlm import hardware
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "bench", "results")
 
-# Nominal dense matmul peaks per device, FLOP/s. ``cpu`` stands for "this machine's measured
-# peak" (bench/peak.py) and is resolved at run time; ``trainer`` is the default of
-# ``config.train.peak_flops``, what ``jaxlm train`` logs its MFU against.
-NOMINAL_PEAKS: dict[str, dict[str, float] | None] = {
-    "cpu": None,
-    "trainer": {"float32": 4.7e11, "bfloat16": 4.7e11},
-    "v5e": {"float32": 197e12, "bfloat16": 197e12},  # TPU v5e: 197 TFLOP/s bf16 (f32 runs on the bf16 MXU passes)
-    "v5p": {"float32": 459e12, "bfloat16": 459e12},  # TPU v5p: 459 TFLOP/s bf16
-    "h100": {"float32": 67e12, "bfloat16": 989e12},  # H100 SXM: 989 bf16 dense (tensor core), 67 f32 (no TF32)
-}
+# Nominal dense matmul peaks per device, FLOP/s: ``jaxlm.hardware.PEAKS`` (what ``jaxlm train``
+# logs its MFU against when ``config.train.peak_flops`` is 0, its default), plus ``cpu`` for
+# "this machine's measured peak" (bench/peak.py), resolved at run time, and ``trainer``, the
+# table's entry for the device the bench runs on.
+NOMINAL_PEAKS: dict[str, dict[str, float] | None] = {"cpu": None, "trainer": None, **hardware.PEAKS}
 
 
 def cpu_model() -> str:

@@ -28,8 +28,9 @@ the formula assumes one target per input token, so ``t5`` also shows an exact fi
 MFU: achieved FLOP/s over (a) the measured matmul peak of the compute dtype from
 ``bench/results/peak.json`` (run ``bench/peak.py`` first; median step / median peak, and best
 step / best peak) and (b) a nominal peak (``--nominal``: cpu = the measured peaks, trainer =
-``config.train.peak_flops`` 4.7e11, v5e 197e12, v5p 459e12, h100 989e12 bf16 / 67e12 f32, or a
-number); and (c) per CPU-second: step FLOPs over the process's CPU time against the matmul's
+the ``jaxlm.hardware`` entry of this device that ``jaxlm train`` logs against, a preset of that
+table (a100, h100, v4, v5e, v5p, v6e; e.g. h100 989e12 bf16 / 494.5e12 TF32), or a number);
+and (c) per CPU-second: step FLOPs over the process's CPU time against the matmul's
 FLOPs per CPU-second, a figure that other load on a shared machine barely moves. Memory: XLA's
 compiled-step estimate (arguments + outputs - donated + temporaries) and
 the process's peak RSS during the config (CPU has no jax ``memory_stats``; on GPU/TPU the device
@@ -53,7 +54,6 @@ Figures only; nothing passes or fails on time.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -69,11 +69,10 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxlm import config_lib, sharding  # noqa: E402
+from jaxlm import config_lib, hardware, sharding  # noqa: E402
 from jaxlm.data import pipeline, tokenizers  # noqa: E402
 from jaxlm.main import experiment  # noqa: E402
 from jaxlm.models import config as model_config  # noqa: E402
-from jaxlm.steps import lm, objectives  # noqa: E402
 
 # name -> (config file and argument, overrides). GPT shapes use mlp_dim = 4 * embed_dim.
 CONFIGS: dict[str, tuple[str, dict[str, str]]] = {
@@ -191,10 +190,7 @@ def build_step(config: config_lib.Config) -> dict[str, Any]:
     }
     batch_shardings = {k: v.sharding for k, v in abstract_batch.items()}
     repl = sharding.replicated(exp.mesh)
-    objective = objectives.LOSSES[exp.model_cfg.kind]
-    step_fn = functools.partial(
-        lm.train_step, model=exp.model, tx=exp.tx, grad_accum_steps=config.optim.grad_accum_steps, objective=objective
-    )
+    step_fn = experiment.train_step_fn(exp)
     rng = jax.random.key(config.seed + 1)
     with jax.set_mesh(exp.mesh), nn.logical_axis_rules(exp.rules):
         t0 = time.perf_counter()
@@ -258,6 +254,10 @@ def resolve_nominal(text: str, measured: dict[str, float] | None) -> tuple[str, 
     if text in common.NOMINAL_PEAKS:
         if text == "cpu":
             return "cpu (measured)", measured
+        if text == "trainer":  # what `jaxlm train` logs its MFU against on this device
+            kind = jax.devices()[0].device_kind
+            peaks = {dt: hardware.peak_flops(0.0, kind, dt) for dt in ("float32", "bfloat16", "float16")}
+            return f"trainer ({hardware.preset_for(kind)})", peaks if all(peaks.values()) else None
         return text, common.NOMINAL_PEAKS[text]
     value = float(text)
     return f"{value:.3g}", {"float32": value, "bfloat16": value}

@@ -50,6 +50,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.packing": ("concat", "first_fit", "best_fit"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.nonfinite_policy": ("skip", "stop"),
+    "train.cond_update": ("auto", "on", "off"),
 }
 
 
@@ -161,7 +162,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 50
     c.train.eval_every = 200  # 0 disables periodic eval (a final eval still runs)
     c.train.eval_steps = 10
-    c.train.peak_flops = 4.7e11  # per device, for MFU; f32 matmul peak of a 2-core AVX-512 CPU (bench/peak.py)
+    # FLOP/s per device, for MFU; 0 = by device kind and model.dtype from jaxlm/hardware.py
+    # (H100, A100, TPU v4/v5e/v5p/v6e, and the measured peaks of the benchmark CPU).
+    c.train.peak_flops = 0.0
     c.train.progress = True  # progress bar on stderr
     # A step whose loss or gradients are not finite never updates the state. 'skip' carries on
     # and stops after max_nonfinite_steps such steps in a row; 'stop' stops at the first one.
@@ -170,6 +173,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.compile_cache_dir = ""
     c.train.nonfinite_policy = "skip"
     c.train.max_nonfinite_steps = 10
+    # How a non-finite step is kept out of the state: 'on' runs the optimizer update inside a
+    # lax.cond, 'off' selects element-wise between new and old state; 'auto' = on for the CPU
+    # backend only, where it is faster and smaller (steps.lm.train_step, bench/README.md).
+    c.train.cond_update = "auto"
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 200
@@ -418,6 +425,7 @@ class TrainConfig:
     compile_cache_dir: str
     nonfinite_policy: str
     max_nonfinite_steps: int
+    cond_update: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -638,7 +646,7 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Config:
     _check(t.log_every > 0, f"config.train.log_every={t.log_every} must be > 0")
     _check(t.eval_every >= 0, "config.train.eval_every must be >= 0 (0 = only at the end)")
     _check(t.eval_steps > 0, f"config.train.eval_steps={t.eval_steps} must be > 0")
-    _check(t.peak_flops > 0, "config.train.peak_flops must be > 0 (FLOP/s per device)")
+    _check(t.peak_flops >= 0, "config.train.peak_flops must be >= 0 (FLOP/s per device; 0 = by device kind)")
     _check(t.max_nonfinite_steps >= 1, "config.train.max_nonfinite_steps must be >= 1")
     _check(ck.preemption_grace_s > 0, "config.checkpoint.preemption_grace_s must be > 0 seconds")
     _check(ck.every_steps > 0, f"config.checkpoint.every_steps={ck.every_steps} must be > 0")

@@ -9,7 +9,9 @@ whose ``out_shardings`` place every shard directly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -23,6 +25,7 @@ from jaxlm.common_types import ConfigError
 from jaxlm.config_lib import Config, ModelConfig
 from jaxlm.data import objectives_t5, pipeline
 from jaxlm.data.tokenizers import Tokenizer
+from jaxlm.steps import lm, objectives
 from jaxlm.train_state import TrainState
 
 
@@ -165,6 +168,18 @@ def init_state(exp: Experiment, seed: int) -> TrainState:
 
     with jax.set_mesh(exp.mesh), nn.logical_axis_rules(exp.rules):
         return jax.jit(init, out_shardings=exp.state_shardings)(jax.random.key(seed))
+
+
+def train_step_fn(exp: Experiment) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """``steps.lm.train_step`` bound to the experiment's model, optimizer, objective and config."""
+    return functools.partial(
+        lm.train_step,
+        model=exp.model,
+        tx=exp.tx,
+        grad_accum_steps=exp.config.optim.grad_accum_steps,
+        objective=objectives.LOSSES[exp.model_cfg.kind],
+        cond_update=models.transformer.cpu_auto(exp.config.train.cond_update),
+    )
 
 
 def param_count(abstract_params: Any) -> int:

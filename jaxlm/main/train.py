@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jaxlm import checkpoint, optim, sharding
+from jaxlm import checkpoint, hardware, optim, sharding
 from jaxlm.common_types import ConfigError, UserError
 from jaxlm.config_lib import Config
 from jaxlm.data import hosts, pipeline, sources
@@ -161,13 +161,10 @@ def run(config: Config, workdir: str, *, stop_at: int | None = None, stream: Tex
     # run compiled it); the state buffers are donated.
     batch_shardings = {k: v.sharding for k, v in abstract_batch.items()}
     repl = sharding.replicated(exp.mesh)
-    objective = objectives.LOSSES[exp.model_cfg.kind]
-    step_fn = functools.partial(
-        lm.train_step, model=exp.model, tx=exp.tx, grad_accum_steps=config.optim.grad_accum_steps, objective=objective
-    )
+    step_fn = experiment.train_step_fn(exp)
     rng = jax.random.key(config.seed + 1)
     eval_fn = jax.jit(
-        functools.partial(lm.eval_step, model=exp.model, objective=objective),
+        functools.partial(lm.eval_step, model=exp.model, objective=objectives.LOSSES[exp.model_cfg.kind]),
         in_shardings=(exp.state_shardings.params, batch_shardings),
     )
     experiment.enable_compile_cache(config.train.compile_cache_dir)
@@ -188,7 +185,8 @@ def run(config: Config, workdir: str, *, stop_at: int | None = None, stream: Tex
     # ---- Loop.
     writer = MetricWriter(workdir, write=lead, stream=stream)
     flops_per_token = model_config.flops_per_token(exp.model_cfg, config.data.seq_len)
-    peak = config.train.peak_flops * jax.device_count()
+    device_kind = jax.devices()[0].device_kind
+    peak = hardware.peak_flops(config.train.peak_flops, device_kind, config.model.dtype)
     schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
     num_steps = config.train.num_steps
     end = num_steps if stop_at is None else min(stop_at, num_steps)
@@ -196,7 +194,12 @@ def run(config: Config, workdir: str, *, stop_at: int | None = None, stream: Tex
         n_params = experiment.param_count(exp.abstract_state.params)
         print(
             f"training {config.model.kind}: {n_params:,} params, {exp.mesh.size} devices {dict(exp.mesh.shape)}, "
-            f"steps {start}->{end}, compile {compile_s:.1f}s",
+            f"steps {start}->{end}, compile {compile_s:.1f}s, "
+            + (
+                f"MFU vs {peak:.3g} FLOP/s per device"
+                if peak
+                else f"no MFU (unknown device kind {device_kind!r}: set config.train.peak_flops)"
+            ),
             file=stream,
             flush=True,
         )
@@ -230,9 +233,9 @@ def run(config: Config, workdir: str, *, stop_at: int | None = None, stream: Tex
                         "lr": float(schedule(step - 1)),
                         "step_time_s": elapsed / interval_steps,
                         "tokens_per_s": tokens_per_s,
-                        "mfu": tokens_per_s * flops_per_token / peak,
                         "nonfinite_steps": int(sum(m["nonfinite"] for m in fetched)),
-                    },
+                    }
+                    | ({"mfu": tokens_per_s * flops_per_token / (peak * jax.device_count())} if peak else {}),
                 )
                 progress.set_postfix(loss=f"{last['loss']:.3f}")
                 pending, interval_start, interval_steps = [], time.perf_counter(), 0

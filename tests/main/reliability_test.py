@@ -30,14 +30,15 @@ def _batch():
     }
 
 
-def test_nonfinite_step_leaves_the_state_unchanged(tiny_config):
+@pytest.mark.parametrize("cond_update", [False, True])
+def test_nonfinite_step_leaves_the_state_unchanged(tiny_config, cond_update):
     cfg = config_lib.validate(tiny_config)
     exp = experiment.build(cfg, 263)
     state = experiment.init_state(exp, seed=0)
     params = jax.tree.map(lambda x: x, state.params)
     params["final_norm"]["scale"] = params["final_norm"]["scale"].at[0].set(jnp.nan)
     poisoned = state.replace(params=params)
-    step = jax.jit(partial(lm.train_step, model=exp.model, tx=exp.tx))
+    step = jax.jit(partial(lm.train_step, model=exp.model, tx=exp.tx, cond_update=cond_update))
     new, metrics = step(poisoned, _batch(), jax.random.key(0))
     assert float(metrics["nonfinite"]) == 1.0 and int(new.step) == 1
     for a, b in zip(
@@ -46,6 +47,30 @@ def test_nonfinite_step_leaves_the_state_unchanged(tiny_config):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     good, metrics = step(state, _batch(), jax.random.key(0))
     assert float(metrics["nonfinite"]) == 0.0
+
+
+def test_cond_update_and_select_update_give_the_same_state(tiny_config):
+    cfg = config_lib.validate(tiny_config)
+    exp = experiment.build(cfg, 263)
+    state = experiment.init_state(exp, seed=0)
+    new = {}
+    for cond_update in (False, True):
+        step = jax.jit(partial(lm.train_step, model=exp.model, tx=exp.tx, cond_update=cond_update))
+        s, _ = step(jax.tree.map(jnp.copy, state), _batch(), jax.random.key(0))
+        new[cond_update], _ = step(s, _batch(), jax.random.key(1))
+    leaves = [jax.tree.leaves((n.params, n.opt_state)) for n in new.values()]
+    moved = [jax.tree.leaves(state.params), jax.tree.leaves(new[True].params)]
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(*moved))
+    for a, b in zip(*leaves):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_cond_update_auto_is_on_for_cpu_only(tiny_config):
+    exp = experiment.build(config_lib.validate(tiny_config), 263)
+    assert experiment.train_step_fn(exp).keywords["cond_update"] == (jax.default_backend() == "cpu")
+    tiny_config.train.cond_update = "off"
+    exp = experiment.build(config_lib.validate(tiny_config), 263)
+    assert experiment.train_step_fn(exp).keywords["cond_update"] is False
 
 
 def test_diverging_run_stops_with_a_clear_error_and_finite_checkpoints(tiny_config, text_corpus, tmp_path):

@@ -1,3 +1,4 @@
+import io
 import json
 import os
 
@@ -5,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import checkpoint, config_lib
+from jaxlm import checkpoint, config_lib, hardware
 from jaxlm.main import experiment, train
 from jaxlm.metric_writer import read_metrics
 
@@ -129,3 +130,27 @@ def test_grad_accumulation_matches_one_pass(tiny_config, accum):
     np.testing.assert_allclose(one[1]["loss"], acc[1]["loss"], rtol=1e-6)
     for x, y in zip(jax.tree.leaves(one[0].params), jax.tree.leaves(acc[0].params)):
         np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_mfu_is_logged_against_the_device_peak_and_left_out_for_an_unknown_device(
+    tiny_config, text_corpus, tmp_path, monkeypatch
+):
+    c = tiny_config
+    c.data.source = "files"
+    c.data.files = text_corpus
+    c.train.num_steps = 2
+    c.train.log_every = 2
+    c.train.eval_every = 0
+    c.train.eval_steps = 1
+    cfg = config_lib.validate(c)
+    out = io.StringIO()
+    metrics = train.run(cfg, str(tmp_path / "known"), stream=out)
+    expected = hardware.peak_flops(0.0, jax.devices()[0].device_kind, cfg.model.dtype)
+    assert f"MFU vs {expected:.3g} FLOP/s per device" in out.getvalue()
+    assert 0 < metrics["mfu"] < 1
+    monkeypatch.setattr(hardware, "DEVICE_KINDS", ())  # as on a device the table does not know
+    out = io.StringIO()
+    metrics = train.run(cfg, str(tmp_path / "unknown"), stream=out)
+    kind = jax.devices()[0].device_kind
+    assert f"no MFU (unknown device kind {kind!r}: set config.train.peak_flops)" in out.getvalue()
+    assert "mfu" not in metrics and metrics["tokens_per_s"] > 0
