@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import logical_axes as ax
-from jaxlm.nn import matmul
+from jaxlm.nn import activations, matmul
 
 Initializer = Callable[..., jnp.ndarray]
 
@@ -109,25 +109,16 @@ def _dense_spec(x_ndim: int, in_axes: int, out_axes: int) -> str:
     return f"{batch}{contracted},{contracted}{out}->{batch}{out}"
 
 
-def _gelu_tanh(x: jnp.ndarray) -> jnp.ndarray:
-    """GELU, tanh approximation (GPT-2's ``gelu_new``, T5 v1.1's gated-gelu)."""
-    return nn.gelu(x, approximate=True)
-
-
-def _gelu_exact(x: jnp.ndarray) -> jnp.ndarray:
-    """GELU with the exact erf (BERT's ``gelu``)."""
-    return nn.gelu(x, approximate=False)
-
-
-# ``config.model.activation`` -> the elementwise function. For the gated names (GATED) the
-# function is applied to the gate branch only: ``act(x W_0) * (x W_1)`` (Shazeer, 2020).
+# ``config.model.activation`` -> the elementwise function (jaxlm.nn.activations: float32 math,
+# hand-written derivative). For the gated names (GATED) the function is applied to the gate
+# branch only: ``act(x W_0) * (x W_1)`` (Shazeer, 2020).
 ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
-    "gelu": _gelu_tanh,
-    "gelu_exact": _gelu_exact,
+    "gelu": activations.gelu_tanh,
+    "gelu_exact": activations.gelu_exact,
     "relu": nn.relu,
-    "silu": nn.silu,
-    "swiglu": nn.silu,
-    "geglu": _gelu_tanh,
+    "silu": activations.silu,
+    "swiglu": activations.silu,
+    "geglu": activations.gelu_tanh,
 }
 GATED: frozenset[str] = frozenset({"swiglu", "geglu"})
 
