@@ -93,14 +93,16 @@ def xla_attention(
         logits = logits + heads(bias).astype(jnp.float32)
     if causal:
         mask = masks.combine(mask, _causal(t, s))
-    weights = masked_softmax(logits, None if mask is None else heads(mask))
+    # Probabilities in the compute dtype: the PV matmul takes them in that dtype anyway, and with
+    # bf16 the softmax then writes (and the backward keeps) half the bytes of [B, N, T, S].
+    weights = masked_softmax(logits, None if mask is None else heads(mask), value.dtype)
     if not deterministic and dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
     out = matmul.einsum(out_spec, weights, value, value.dtype)
     out = out.reshape(b, t, n, h).astype(query.dtype)
     if return_weights:
-        return out, weights.reshape(b, n, t, s)
+        return out, weights.astype(jnp.float32).reshape(b, n, t, s)
     return out
 
 

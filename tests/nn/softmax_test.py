@@ -57,3 +57,17 @@ def test_jit_and_a_mask_argument_that_broadcasts():
     mask = jnp.tril(jnp.ones((5, 7), bool))[None, None]
     out = jax.jit(jax.grad(lambda x: jnp.sum(masked_softmax(x, mask) ** 2)))(logits)
     assert out.shape == logits.shape and bool(jnp.all(jnp.isfinite(out)))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_bfloat16_probabilities_are_the_float32_ones_rounded_and_keep_the_gradient(masked):
+    logits, mask = _case(masked)
+    p32 = masked_softmax(logits, mask)
+    p16 = masked_softmax(logits, mask, jnp.bfloat16)
+    assert p16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(p16, p32.astype(jnp.bfloat16))
+    cot = jnp.asarray(np.random.default_rng(1).standard_normal(logits.shape), jnp.float32)
+    g32 = jax.grad(lambda x: jnp.sum(masked_softmax(x, mask) * cot))(logits)
+    g16 = jax.grad(lambda x: jnp.sum(masked_softmax(x, mask, jnp.bfloat16).astype(jnp.float32) * cot))(logits)
+    assert g16.dtype == jnp.float32
+    np.testing.assert_allclose(g16, g32, rtol=2e-2, atol=2e-2 * float(jnp.abs(g32).max()))
