@@ -100,6 +100,11 @@ CASES = {
     "tokenizer-name": (_train(["--config.data.tokenizer=nope"], workdir_key="n23"), "config.data.tokenizer='nope'"),
     "hf-needs-path": (_train(["--config.data.tokenizer=hf"], workdir_key="n24"), "tokenizer_path"),
     "float16-on-cpu": (_train(["--config.model.dtype=float16"], workdir_key="n31"), "use bfloat16 or float32"),
+    "peak-flops": (
+        _train(["--config.train.peak_flops=-1"], workdir_key="n40"),
+        "config.train.peak_flops must be >= 0 (FLOP/s per device; 0 = by device kind)",
+    ),
+    "cond-update": (_train(["--config.train.cond_update=no"], workdir_key="n41"), "config.train.cond_update='no'"),
     # --- data
     "files-empty-glob": (_train(["--config.data.files="], workdir_key="n25"), "config.data.files is empty"),
     "files-missing": (
