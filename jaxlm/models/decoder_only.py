@@ -31,6 +31,7 @@ from jaxlm import logical_axes as ax
 from jaxlm.config_lib import ModelConfig
 from jaxlm.models.transformer import ACT, BlockStack, CachePositions, add_positions, dtypes, norm
 from jaxlm.nn import masks
+from jaxlm.nn.dropout import Dropout
 from jaxlm.nn.embeddings import Embed, positions_like
 from jaxlm.nn.linears import DenseGeneral
 
@@ -67,7 +68,7 @@ class DecoderOnly(nn.Module):
         q_pos, k_pos = CachePositions(name="cache_positions")(tokens, positions, decode=decode)
         embed = Embed(cfg.vocab_size, cfg.embed_dim, dtype=dt, param_dtype=pdt, name="token_embed")
         x = add_positions(cfg, embed(tokens), q_pos)
-        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ACT)
 
         mask = None  # in decode mode the attention cache supplies the causal mask

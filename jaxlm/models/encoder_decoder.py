@@ -57,6 +57,7 @@ from jaxlm import logical_axes as ax
 from jaxlm.config_lib import ModelConfig
 from jaxlm.models.transformer import ACT, BlockStack, CachePositions, add_positions, dtypes, norm
 from jaxlm.nn import masks
+from jaxlm.nn.dropout import Dropout
 from jaxlm.nn.embeddings import Embed, positions_like
 from jaxlm.nn.linears import DenseGeneral
 
@@ -97,14 +98,14 @@ class Encoder(nn.Module):
         """Token embeddings ``[B, S, D]`` -> encoder output ``[B, S, D]``."""
         cfg = self.cfg
         x = add_positions(cfg, x, positions)
-        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ACT)
         x = BlockStack(cfg, cfg.num_layers, causal=False, name="blocks")(
             x, positions=positions, mask=mask, deterministic=deterministic
         )
         if cfg.pre_norm:
             x = norm(cfg, "final_norm")(x)
-        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         return nn.with_logical_constraint(x, ACT)
 
 
@@ -129,7 +130,7 @@ class Decoder(nn.Module):
         cfg = self.cfg
         q_pos, k_pos = CachePositions(name="cache_positions")(x, positions, decode=decode)
         x = add_positions(cfg, x, q_pos)
-        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ACT)
         x = BlockStack(cfg, num_decoder_layers(cfg), causal=True, cross_attention=True, name="blocks")(
             x,
@@ -143,7 +144,7 @@ class Decoder(nn.Module):
         )
         if cfg.pre_norm:
             x = norm(cfg, "final_norm")(x)
-        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         return nn.with_logical_constraint(x, ACT)
 
 

@@ -56,6 +56,7 @@ from jaxlm import logical_axes as ax
 from jaxlm.config_lib import ModelConfig
 from jaxlm.models.transformer import ACT, BlockStack, add_positions, dtypes, norm
 from jaxlm.nn import masks, matmul
+from jaxlm.nn.dropout import Dropout
 from jaxlm.nn.embeddings import Embed, positions_like
 from jaxlm.nn.linears import DenseGeneral, activation
 
@@ -155,7 +156,7 @@ class EncoderOnly(nn.Module):
             x = x + jnp.take(table, types, axis=0).astype(dt)
         if not cfg.pre_norm:
             x = norm(cfg, "embed_norm")(x)
-        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ACT)
 
         x = BlockStack(cfg, cfg.num_layers, causal=False, name="blocks")(

@@ -44,6 +44,7 @@ from jaxlm import logical_axes as ax
 from jaxlm.config_lib import ModelConfig
 from jaxlm.models.transformer import REMAT_POLICIES, dtypes
 from jaxlm.nn import matmul
+from jaxlm.nn.dropout import Dropout
 from jaxlm.nn.embeddings import Embed
 from jaxlm.nn.linears import DenseGeneral
 
@@ -86,7 +87,7 @@ class RecurrentLayer(nn.Module):
         gates, state_names = _cell(cfg.rnn_cell)
         h_dim = cfg.mlp_dim
         b, t, d_in = x.shape
-        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         init = nn.initializers.uniform(scale=2.0 / h_dim**0.5)
 
         def shifted(key: jax.Array, shape: tuple, dtype: Any = jnp.float32) -> jnp.ndarray:
@@ -203,7 +204,7 @@ class RnnLM(nn.Module):
         else:
             for i in range(1, cfg.num_layers):
                 x = layer(cfg, name=f"layer_{i}")(x, resets, deterministic, decode)
-        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         if tied(cfg):
             logits = embed.attend(x)
         else:

@@ -34,6 +34,7 @@ from jaxlm.config_lib import ModelConfig
 from jaxlm.models import config as model_config
 from jaxlm.nn.attention import MultiHeadAttention
 from jaxlm.nn.barrier import materialize_grad
+from jaxlm.nn.dropout import Dropout
 from jaxlm.nn.embeddings import LearnedPositions, SinusoidalPositions, positions_like
 from jaxlm.nn.linears import Mlp, residual_init_std
 from jaxlm.nn.normalization import make_norm
@@ -187,8 +188,8 @@ class TransformerBlock(nn.Module):
                 x = materialize_grad(x)
             if cfg.pre_norm:
                 h = fn(norm(cfg, f"{name}_norm")(x))
-                return x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
-            h = nn.Dropout(cfg.dropout_rate)(fn(x), deterministic=deterministic)
+                return x + Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+            h = Dropout(cfg.dropout_rate)(fn(x), deterministic=deterministic)
             return norm(cfg, f"{name}_norm")(x + h)
 
         x = nn.with_logical_constraint(x, ACT)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jaxlm import logical_axes as ax
 from jaxlm.nn import masks, matmul
 from jaxlm.nn.blockwise import blockwise, group_heads
+from jaxlm.nn.dropout import dropout
 from jaxlm.nn.linears import DenseGeneral, default_kernel_init, fused_dense
 from jaxlm.nn.positions import apply_rope
 from jaxlm.nn.softmax import masked_softmax
@@ -66,7 +67,7 @@ def xla_attention(
       mask: boolean, broadcastable to ``[B, N, T, S]``; False blocks attention.
       bias: additive logits bias broadcastable to ``[B, N, T, S]`` (relative positions, ALiBi).
       dropout_rate: probability of dropping an attention probability.
-      dropout_rng: PRNG key for dropout; the keep-mask is ``bernoulli(rng, 1 - rate, [B, K, G, T, S])``
+      dropout_rng: PRNG key for dropout; the keep-mask is ``jaxlm.nn.dropout.keep_mask(rng, rate, [B, K, G, T, S])``
         (``[B, N, T, S]`` when G = 1: the same draws).
       deterministic: disables dropout.
       return_weights: also return the attention probabilities ``[B, N, T, S]`` (after dropout).
@@ -97,8 +98,7 @@ def xla_attention(
     # bf16 the softmax then writes (and the backward keeps) half the bytes of [B, N, T, S].
     weights = masked_softmax(logits, None if mask is None else heads(mask), value.dtype)
     if not deterministic and dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+        weights = dropout(weights, dropout_rate, dropout_rng)
     out = matmul.einsum(out_spec, weights, value, value.dtype)
     out = out.reshape(b, t, n, h).astype(query.dtype)
     if return_weights:

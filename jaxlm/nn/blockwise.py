@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxlm.nn.dropout import keep_mask, keep_scale
+
 # Masked logits get the most negative finite float32, not -inf, so that max() and exp(s - max)
 # never evaluate inf - inf; masked probabilities are then zeroed explicitly.
 NEG = float(np.finfo(np.float32).min)
@@ -96,7 +98,7 @@ def _logits(q_i, k_j, bias, i, j, cfg, valid):
 
 def _keep(rng: jax.Array, i: jax.Array, j: jax.Array, shape: tuple[int, ...], rate: float) -> jnp.ndarray:
     """Draw the dropout keep-mask of tile ``(i, j)``."""
-    return jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(rng, i), j), 1.0 - rate, shape)
+    return keep_mask(jax.random.fold_in(jax.random.fold_in(rng, i), j), rate, shape)
 
 
 def _maybe_skip(valid, compute, skipped, carry):
@@ -149,7 +151,7 @@ def _forward(q, k, v, mask, bias, rng, cfg: _Cfg):
                 alpha = jnp.exp(m - m_new)
                 norm = alpha * norm + p.sum(-1)
                 if cfg.dropout_rate > 0.0:
-                    p = jnp.where(_keep(rng, i, j, tile, cfg.dropout_rate), p / (1.0 - cfg.dropout_rate), 0.0)
+                    p = jnp.where(_keep(rng, i, j, tile, cfg.dropout_rate), p * keep_scale(cfg.dropout_rate), 0.0)
                 pv = jnp.einsum("bkgqc,bkch->bkgqh", p.astype(v_j.dtype), v_j, preferred_element_type=F32)
                 return m_new, norm, alpha[..., None] * acc + pv
 
@@ -209,8 +211,8 @@ def _attend_bwd(cfg: _Cfg, res, d_out):
         p_drop = p
         if rate > 0.0:
             keep = _keep(rng, i, j, tile, rate)
-            p_drop = jnp.where(keep, p / (1.0 - rate), 0.0)
-            dp = jnp.where(keep, dp / (1.0 - rate), 0.0)
+            p_drop = jnp.where(keep, p * keep_scale(rate), 0.0)
+            dp = jnp.where(keep, dp * keep_scale(rate), 0.0)
         return p_drop, p * (dp - delta_i[..., None])
 
     # Pass 1, over query blocks: dq (and the bias gradient, tile by tile).

@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxlm import logical_axes as ax
 from jaxlm.nn import activations, matmul
+from jaxlm.nn.dropout import Dropout
 
 Initializer = Callable[..., jnp.ndarray]
 
@@ -164,7 +165,7 @@ class Mlp(nn.Module):
         else:
             h = act(DenseGeneral((self.mlp_dim,), (ax.EMBED, ax.MLP), name="wi", **dense)(x))
         h = nn.with_logical_constraint(h, (ax.ACT_BATCH, ax.ACT_LENGTH, ax.ACT_MLP))
-        h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+        h = Dropout(self.dropout_rate)(h, deterministic=deterministic)
         return DenseGeneral(
             (d,), (ax.MLP, ax.EMBED), kernel_init=default_kernel_init(self.out_init_std), name="wo", **dense
         )(h)

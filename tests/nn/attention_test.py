@@ -28,6 +28,7 @@ from jaxlm.nn.attention import (
     xla_attention,
 )
 from jaxlm.nn.blockwise import blockwise_dropout_mask
+from jaxlm.nn.dropout import keep_mask, keep_scale
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -218,15 +219,16 @@ def test_dropout_xla_matches_numpy_with_same_keep_mask():
     t, s, n, kh, mask, bias_shape, _ = _case("causal")
     q, k, v, bias, d_out = _inputs(t, s, n, kh, bias_shape)
     rng, rate = jax.random.PRNGKey(3), 0.3
-    keep = np.asarray(jax.random.bernoulli(rng, 1 - rate, (B, kh, n // kh, t, s))).reshape(B, n, t, s)
+    keep = np.asarray(keep_mask(rng, rate, (B, kh, n // kh, t, s))).reshape(B, n, t, s)
+    drawn = 1 - 1 / keep_scale(rate)  # the rate the 16-bit draws realize (within 2**-17 of rate)
 
     def loss(q, k, v):
         out = xla_attention(q, k, v, mask=mask, bias=bias, dropout_rate=rate, dropout_rng=rng, deterministic=False)
         return jnp.sum(out * d_out), out
 
     grads, out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    np.testing.assert_allclose(out, np_attention(q, k, v, np.asarray(mask), bias, keep, rate)[0], **TOL)
-    for got, want in zip(grads, np_attention_grads(q, k, v, d_out, np.asarray(mask), bias, keep, rate)):
+    np.testing.assert_allclose(out, np_attention(q, k, v, np.asarray(mask), bias, keep, drawn)[0], **TOL)
+    for got, want in zip(grads, np_attention_grads(q, k, v, d_out, np.asarray(mask), bias, keep, drawn)):
         np.testing.assert_allclose(got, want, **TOL)
     # dot_product has no dropout: it falls back to exactly this computation.
     fallback = jax.jit(
@@ -244,6 +246,7 @@ def test_dropout_blockwise_matches_numpy_with_its_keep_mask():
     blocks = dict(block_q=3, block_kv=5)
     keep = np.asarray(jax.jit(lambda r: blockwise_dropout_mask(r, (B, n, t, s), kh, rate, **blocks))(rng))
     assert abs(keep.mean() - (1 - rate)) < 0.1
+    drawn = 1 - 1 / keep_scale(rate)
 
     @jax.jit
     def loss_and_grads(q, k, v, bias):
@@ -257,8 +260,8 @@ def test_dropout_blockwise_matches_numpy_with_its_keep_mask():
 
     grads, out = loss_and_grads(q, k, v, bias)
     np_mask = np.asarray(mask)
-    np.testing.assert_allclose(out, np_attention(q, k, v, np_mask, bias, keep, rate)[0], **TOL)
-    ref = np_attention_grads(q, k, v, d_out, np_mask, bias, keep, rate)
+    np.testing.assert_allclose(out, np_attention(q, k, v, np_mask, bias, keep, drawn)[0], **TOL)
+    ref = np_attention_grads(q, k, v, d_out, np_mask, bias, keep, drawn)
     for got, want in zip(grads, (*ref[:3], _reduce_to(ref[3], bias.shape))):
         np.testing.assert_allclose(got, want, **TOL)
     # deterministic=True turns dropout off.
