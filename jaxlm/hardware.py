@@ -1,4 +1,4 @@
-"""Nominal dense-matmul peaks per device, the denominator of the MFU the trainer logs.
+"""What jaxlm needs to know about the device: nominal matmul peaks (for MFU) and CPU-tuned switches.
 
 ``config.train.peak_flops = 0`` (the default) takes the peak from this table by the device's
 ``device_kind`` and ``config.model.dtype``; a positive value overrides it. The accelerator
@@ -10,6 +10,8 @@ a different CPU should set ``config.train.peak_flops`` from its own ``bench/peak
 """
 
 from __future__ import annotations
+
+import jax
 
 # Preset -> {compute dtype: FLOP/s per device}.
 PEAKS: dict[str, dict[str, float]] = {
@@ -54,3 +56,14 @@ def peak_flops(configured: float, device_kind: str, dtype: str) -> float | None:
         return float(configured)
     preset = preset_for(device_kind)
     return PEAKS[preset].get(dtype, PEAKS[preset]["float32"]) if preset else None
+
+
+def cpu_auto(setting: str) -> bool:
+    """An ``auto`` / ``on`` / ``off`` switch for a CPU-tuned path; ``auto`` is on for the CPU backend only.
+
+    Used by ``model.grad_barrier``, ``model.fuse_qkv`` and ``train.cond_update``: tricks measured
+    on XLA:CPU that are off by default on GPU/TPU (see bench/README.md).
+    """
+    if setting == "auto":
+        return jax.default_backend() == "cpu"
+    return setting == "on"

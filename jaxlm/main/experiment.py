@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jaxlm import models, optim, sharding
+from jaxlm import hardware, models, optim, sharding
 from jaxlm.common_types import ConfigError
 from jaxlm.config_lib import Config, ModelConfig
 from jaxlm.data import objectives_t5, pipeline
@@ -178,7 +178,7 @@ def train_step_fn(exp: Experiment) -> Callable[..., tuple[TrainState, dict[str, 
         tx=exp.tx,
         grad_accum_steps=exp.config.optim.grad_accum_steps,
         objective=objectives.LOSSES[exp.model_cfg.kind],
-        cond_update=models.transformer.cpu_auto(exp.config.train.cond_update),
+        cond_update=hardware.cpu_auto(exp.config.train.cond_update),
     )
 
 

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlm import hardware
 from jaxlm import logical_axes as ax
 from jaxlm.config_lib import ModelConfig
 from jaxlm.models import config as model_config
@@ -49,20 +50,13 @@ REMAT_POLICIES: dict[str, Any] = {
 }
 
 
-def cpu_auto(setting: str) -> bool:
-    """An ``auto`` / ``on`` / ``off`` model switch; ``auto`` is on for the CPU backend only."""
-    if setting == "auto":
-        return jax.default_backend() == "cpu"
-    return setting == "on"
-
-
 def uses_grad_barrier(cfg: ModelConfig) -> bool:
     """Whether blocks pass the residual-stream gradient through :func:`materialize_grad`.
 
     ``auto`` is on for the CPU backend only, where the recomputation it prevents was measured (see
     :mod:`jaxlm.nn.barrier`).
     """
-    return cpu_auto(cfg.grad_barrier)
+    return hardware.cpu_auto(cfg.grad_barrier)
 
 
 def dtypes(cfg: ModelConfig) -> tuple[Any, Any]:
@@ -180,7 +174,7 @@ class TransformerBlock(nn.Module):
             out_init_std=out_std,
             dtype=dt,
             param_dtype=pdt,
-            fuse_projections=cpu_auto(cfg.fuse_qkv),
+            fuse_projections=hardware.cpu_auto(cfg.fuse_qkv),
         )
 
         def sublayer(x: jnp.ndarray, name: str, fn: Any) -> jnp.ndarray:
