@@ -38,9 +38,6 @@ def get_config(arg: str | None = None):
     c.data.seq_len = seq_len
     c.data.batch_size = batch
     c.train.num_steps = steps
-    c.train.log_every = max(1, min(50, steps // 10))
-    c.train.eval_every = max(1, steps // 4)
-    c.checkpoint.every_steps = max(1, steps // 4)
     c.optim.lr = lr
     c.optim.warmup_steps = warmup
     return c

@@ -41,7 +41,19 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.fuse_qkv": ("auto", "on", "off"),
     "data.source": ("builtin", "files", "tfds", "synthetic"),
     "data.tokenizer": ("byte", "char", "sentencepiece_unigram", "sentencepiece_bpe", "hf"),
-    "data.objective": ("causal_lm", "masked_lm", "nsp", "span_corruption", "seq2seq"),
+    "data.objective": (
+        "causal_lm",
+        "masked_lm",
+        "nsp",
+        "span_corruption",
+        "seq2seq",
+        "classification",
+        "token_classification",
+        "qa",
+    ),
+    "task.head": ("auto", "none", "classification", "regression", "token_classification", "qa"),
+    "task.pooling": ("auto", "cls", "last", "mean"),
+    "task.qa_impossible": ("drop", "mark"),
     "data.document": ("file", "line", "paragraph"),
     "data.synthetic.kind": ("markov", "copy", "reverse"),
     "data.format": ("auto", "text", "jsonl", "csv", "tsv"),
@@ -60,7 +72,18 @@ OBJECTIVE_KINDS: dict[str, tuple[str, ...]] = {
     "masked_lm": ("encoder_only",),
     "nsp": ("encoder_only",),
     "span_corruption": ("encoder_decoder",),
-    "seq2seq": ("encoder_decoder",),
+    # Encoder-decoder text-to-text, or a decoder-only model with the loss on the target part.
+    "seq2seq": ("encoder_decoder", "decoder_only"),
+    "classification": ("encoder_only", "decoder_only"),
+    "token_classification": ("encoder_only", "decoder_only"),
+    "qa": ("encoder_only", "decoder_only"),
+}
+
+# The task head each fine-tuning objective trains (config.task.head='auto').
+OBJECTIVE_HEADS: dict[str, str] = {
+    "classification": "classification",
+    "token_classification": "token_classification",
+    "qa": "qa",
 }
 
 
@@ -159,8 +182,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 1000
-    c.train.log_every = 50
-    c.train.eval_every = 200  # 0 disables periodic eval (a final eval still runs)
+    # Cadences follow the final num_steps unless set: log_every 0 = min(50, num_steps/10),
+    # eval_every -1 = num_steps/4 (0 disables periodic eval; a final eval still runs),
+    # checkpoint.every_steps 0 = num_steps/4 (both capped at 10,000).
+    c.train.log_every = 0
+    c.train.eval_every = -1
     c.train.eval_steps = 10
     # FLOP/s per device, for MFU; 0 = by device kind and model.dtype from jaxlm/hardware.py
     # (H100, A100, TPU v4/v5e/v5p/v6e, and the measured peaks of the benchmark CPU).
@@ -179,7 +205,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.cond_update = "auto"
 
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 200
+    c.checkpoint.every_steps = 0  # 0: num_steps / 4 (see train.log_every)
     c.checkpoint.max_to_keep = 3
     c.checkpoint.async_save = True
     c.checkpoint.init_from = ""  # a workdir whose latest params initialise a new run
@@ -202,6 +228,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.decode.beam_size = 1
     c.decode.num_samples = 1
     c.decode.seed = 0
+
+    # Fine-tuning tasks (config.data.objective = classification | token_classification | qa |
+    # seq2seq). Record fields are the canonical names (text, pair, label, tokens, tags, question,
+    # context, answers, source, target); config.data.fields maps a dataset's own names onto them.
+    c.task = ml_collections.ConfigDict()
+    c.task.head = "auto"  # auto: the objective's head; 'regression' = one output trained with MSE
+    c.task.num_labels = 0  # 0: len(labels), or the catalog dataset's label count
+    c.task.labels = ""  # comma-separated label values in class order ('' = the dataset's / 0..num_labels-1)
+    c.task.pooling = "auto"  # auto: [CLS] pooler for encoders, last non-padding token for decoders
+    c.task.prefix = ""  # seq2seq: text put before every source, e.g. 'summarize: '
+    c.task.targets_len = 0  # seq2seq: target length in tokens (0 = data.seq_len)
+    c.task.max_question_len = 64  # qa: question tokens kept
+    c.task.max_answer_len = 30  # qa: longest answer span (tokens) predict and eval consider
+    c.task.qa_impossible = "drop"  # qa: an answer cut off by seq_len: drop the example or mark it unanswerable
 
     c.lock()
     return c
@@ -476,6 +516,26 @@ class DecodeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """Fine-tuning task: which head, its labels and the task's data options."""
+
+    head: str
+    num_labels: int
+    labels: str
+    pooling: str
+    prefix: str
+    targets_len: int
+    max_question_len: int
+    max_answer_len: int
+    qa_impossible: str
+
+    @property
+    def label_list(self) -> list[str]:
+        """``labels`` split on commas (empty when not given)."""
+        return [v.strip() for v in self.labels.split(",") if v.strip()]
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole validated experiment configuration."""
 
@@ -488,6 +548,7 @@ class Config:
     mesh: MeshConfig
     sharding: ShardingConfig
     decode: DecodeConfig
+    task: TaskConfig
 
 
 def _to_dataclass(cls: type, value: Any, path: str) -> Any:
@@ -643,13 +704,15 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Config:
         f"config.optim.grad_accum_steps={o.grad_accum_steps} must divide config.data.batch_size={d.batch_size}",
     )
     _check(t.num_steps > 0, f"config.train.num_steps={t.num_steps} must be > 0")
-    _check(t.log_every > 0, f"config.train.log_every={t.log_every} must be > 0")
-    _check(t.eval_every >= 0, "config.train.eval_every must be >= 0 (0 = only at the end)")
+    _check(t.log_every >= 0, f"config.train.log_every={t.log_every} must be >= 0 (0 = from num_steps)")
+    _check(
+        t.eval_every >= -1, "config.train.eval_every must be >= -1 (0 = only at the end, -1 = from num_steps)"
+    )
     _check(t.eval_steps > 0, f"config.train.eval_steps={t.eval_steps} must be > 0")
     _check(t.peak_flops >= 0, "config.train.peak_flops must be >= 0 (FLOP/s per device; 0 = by device kind)")
     _check(t.max_nonfinite_steps >= 1, "config.train.max_nonfinite_steps must be >= 1")
     _check(ck.preemption_grace_s > 0, "config.checkpoint.preemption_grace_s must be > 0 seconds")
-    _check(ck.every_steps > 0, f"config.checkpoint.every_steps={ck.every_steps} must be > 0")
+    _check(ck.every_steps >= 0, f"config.checkpoint.every_steps={ck.every_steps} must be >= 0 (0 = from num_steps)")
     _check(ck.max_to_keep > 0, f"config.checkpoint.max_to_keep={ck.max_to_keep} must be > 0")
     for field in ("shape", "dcn_shape"):
         sizes = getattr(cfg.mesh, field)
@@ -678,7 +741,58 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Config:
     _check(dc.max_new_tokens > 0, "config.decode.max_new_tokens must be > 0")
     _check(dc.beam_size >= 1, "config.decode.beam_size must be >= 1")
     _check(dc.num_samples >= 1, "config.decode.num_samples must be >= 1")
-    return cfg
+    tk = cfg.task
+    _check(tk.num_labels >= 0, f"config.task.num_labels={tk.num_labels} must be >= 0 (0 = from the labels)")
+    if tk.num_labels and tk.label_list:
+        _check(
+            tk.num_labels == len(tk.label_list),
+            f"config.task.num_labels={tk.num_labels} disagrees with the {len(tk.label_list)} config.task.labels; "
+            "set one of them",
+        )
+    _check(len(set(tk.label_list)) == len(tk.label_list), "config.task.labels has a repeated label")
+    _check(tk.targets_len >= 0, "config.task.targets_len must be >= 0 (0 = config.data.seq_len)")
+    _check(tk.max_question_len > 0, "config.task.max_question_len must be > 0")
+    _check(tk.max_answer_len > 0, "config.task.max_answer_len must be > 0")
+    head = task_head(cfg)
+    if head != "none":
+        _check(
+            m.kind in ("encoder_only", "decoder_only"),
+            f"config.task.head={head!r} attaches to encoder_only or decoder_only models, not config.model.kind="
+            f"{m.kind!r}",
+        )
+    if tk.head not in ("auto", "none") and d.objective in OBJECTIVE_HEADS:
+        want = OBJECTIVE_HEADS[d.objective]
+        ok = tk.head == want or (want == "classification" and tk.head == "regression")
+        _check(ok, f"config.task.head={tk.head!r} does not fit config.data.objective={d.objective!r}; use auto")
+    return _resolve_cadence(cfg)
+
+
+def task_head(cfg: Config) -> str:
+    """The task head the model carries: 'none' for pre-training objectives and seq2seq."""
+    head = cfg.task.head
+    if head == "auto":
+        head = OBJECTIVE_HEADS.get(cfg.data.objective, "none")
+        if head == "classification" and cfg.task.num_labels == 1:
+            head = "regression"
+    return head
+
+
+def _resolve_cadence(cfg: Config) -> Config:
+    """Fill the cadences left at 0 (log, checkpoint) or -1 (eval) from the final ``num_steps``.
+
+    Config files leave them unset so that ``--config.train.num_steps=N`` on a preset moves
+    them too (a preset's own figures would otherwise stay fixed).
+    """
+    n = cfg.train.num_steps
+    t, ck = cfg.train, cfg.checkpoint
+    log_every = t.log_every or max(1, min(50, n // 10))
+    eval_every = t.eval_every if t.eval_every >= 0 else max(1, min(n // 4, 10_000))
+    every_steps = ck.every_steps or max(1, min(n // 4, 10_000))
+    return dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(t, log_every=log_every, eval_every=eval_every),
+        checkpoint=dataclasses.replace(ck, every_steps=every_steps),
+    )
 
 
 def _divisor_near(n: int, k: int) -> int:
