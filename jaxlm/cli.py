@@ -18,7 +18,7 @@ from jaxlm.common_types import ConfigError, UserError
 
 EXIT_USER_ERROR = 2
 # OS errors that are the machine's state, not a bug: reported as one line like user errors.
-ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM)
+ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOTDIR)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -161,8 +161,8 @@ def execute(argv: Sequence[str]) -> int:
         where = f" ({e.filename})" if e.filename else ""
         print(f"error: {e.strerror or e}{where}; free space or fix permissions, then rerun to resume", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C; after a saved stop (preempt.Interrupted) it says how to resume
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
 
 

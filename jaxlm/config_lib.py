@@ -15,6 +15,7 @@ import importlib.util
 import json
 import math
 import os
+import traceback
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -272,18 +273,44 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     if module_spec is None or module_spec.loader is None:
         raise ConfigError(f"--config: {path!r} is not a Python file")
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:  # also IndentationError, TabError
+        raise ConfigError(f"{path}:{e.lineno or 0}: {type(e).__name__}: {e.msg}; fix the config file") from None
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's code: any error is reported as one line
+        raise ConfigError(_user_code_error(path, e, "while loading it")) from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"--config: {path!r} defines no get_config(arg)")
     try:
         config = module.get_config(arg)
+    except ConfigError:
+        raise
     except (AttributeError, KeyError) as e:  # a locked ConfigDict rejects unknown keys
-        raise ConfigError(f"{path}: {_first_line(e)}; see config_lib.base_config()") from e
-    except TypeError as e:
-        raise ConfigError(f"{path}: {_first_line(e)}") from e
+        raise ConfigError(_user_code_error(path, e, "in get_config") + "; see config_lib.base_config()") from None
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(_user_code_error(path, e, "in get_config")) from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"--config: get_config in {path!r} must return a ConfigDict")
     return config
+
+
+def _user_code_error(path: str, e: BaseException, where: str) -> str:
+    """``path:LINE: Type: message`` for an exception raised by the code of config file ``path``."""
+    line = 0
+    target = os.path.realpath(path)
+    for frame in traceback.extract_tb(e.__traceback__):
+        if os.path.realpath(frame.filename) == target:
+            line = frame.lineno or 0  # the innermost line of the config file itself
+    location = f"{path}:{line}" if line else path
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    # A locked ConfigDict lists every other field after the key: keep the first sentence.
+    text = (text.strip().splitlines() or [type(e).__name__])[0].split(". Other fields present")[0]
+    if text.count("'") % 2 and text.startswith("'"):  # ml_collections quotes its whole message
+        text = text[1:]
+    text = text if len(text) <= 200 else text[:200] + "..."
+    return f"{location}: {type(e).__name__}: {text} ({where}); fix the config file"
 
 
 def _first_line(e: BaseException) -> str:
@@ -559,14 +586,19 @@ def _to_dataclass(cls: type, value: Any, path: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(value) - set(names))
     if unknown:
-        raise ConfigError(f"unknown key config.{path}.{unknown[0]}; valid keys: {', '.join(names)}")
+        raise ConfigError(f"unknown key config.{_dotted(path, unknown[0])}; valid keys: {', '.join(names)}")
     missing = [n for n in names if n not in value]
     if missing:
-        raise ConfigError(f"config.{path}.{missing[0]} is missing; start from base_config()")
+        raise ConfigError(f"config.{_dotted(path, missing[0])} is missing; start from base_config()")
     kwargs = {}
     for name in names:
-        kwargs[name] = _coerce(hints[name], value[name], f"{path}.{name}")
+        kwargs[name] = _coerce(hints[name], value[name], _dotted(path, name))
     return cls(**kwargs)
+
+
+def _dotted(path: str, name: str) -> str:
+    # The top level has the empty path: 'optim.lr', not '.optim.lr' (printed as config..optim.lr).
+    return f"{path}.{name}" if path else str(name)
 
 
 def _coerce(hint: Any, value: Any, path: str) -> Any:
@@ -796,8 +828,12 @@ def _resolve_cadence(cfg: Config) -> Config:
 
 
 def _divisor_near(n: int, k: int) -> int:
-    divisors = [d for d in range(1, n + 1) if n % d == 0]
-    return min(divisors, key=lambda d: (abs(d - k), d))
+    # Search outwards from k (bounded), not over range(n): n may be a huge fuzzed value.
+    for delta in range(0, min(max(n, k), 4096)):
+        for d in (k - delta, k + delta):
+            if 1 <= d <= n and n % d == 0:
+                return d
+    return 1
 
 
 def to_json(config: Config | ml_collections.ConfigDict) -> str:

@@ -1,10 +1,20 @@
-"""Preemption: SIGTERM (TPU VM maintenance, SLURM, Kubernetes) asks the run to save and exit 0.
+"""Preemption and Ctrl-C: SIGTERM and a first SIGINT save the current step and stop the run.
+
+SIGTERM (TPU VM maintenance, SLURM, Kubernetes) asks the run to save and exit 0; the first
+SIGINT (Ctrl-C) does the same and then exits 130; a second SIGINT exits at once.
 
 The signal handler only sets a flag. The training loop asks :meth:`Preemption.requested` after
 each step; with several processes they agree at the next log boundary (one all-gather of the
 flags there, so no extra host sync per step), all save the same step, and exit cleanly. A
 watchdog ends the process with status 143 if that has not happened within the grace period,
 so a scheduler's own kill never lands in the middle of a half-written checkpoint by surprise.
+
+Ctrl-C: the handler is installed only while training steps run and only where SIGINT is not
+ignored (a job started with ``nohup`` or in the background of a script keeps ignoring it).
+The second SIGINT ends the process at once with status 130: checkpoints are written into a
+temporary directory and renamed when complete, so the newest complete one is never damaged,
+and the workdir lock is removed on the way out. After a run stopped by Ctrl-C,
+:func:`exit_if_interrupted` raises :class:`Interrupted` so the command exits with 130.
 """
 
 from __future__ import annotations
@@ -18,9 +28,23 @@ from typing import Any
 import jax
 import numpy as np
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
+_state = {"interrupted": False}
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run stopped after the first Ctrl-C, its state saved."""
+
+
+def exit_if_interrupted() -> None:
+    """Raise :class:`Interrupted` if the run that just ended was stopped by Ctrl-C (the CLI exits 130)."""
+    if _state["interrupted"]:
+        _state["interrupted"] = False
+        raise Interrupted("stopped by Ctrl-C after saving a checkpoint; rerun the same command to resume")
+
 
 class Preemption:
-    """Tracks a SIGTERM and decides, consistently across processes, when to stop."""
+    """Tracks SIGTERM and SIGINT and decides, consistently across processes, when to stop."""
 
     def __init__(self, grace_s: float) -> None:
         self.grace_s = grace_s
@@ -28,10 +52,23 @@ class Preemption:
         self._flag = threading.Event()
         self._timer: threading.Timer | None = None
         self._previous: Any = None
+        self._previous_int: Any = None
+        self._sigints = 0
+        _state["interrupted"] = False
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+            if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+                self._previous_int = signal.signal(signal.SIGINT, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            self._sigints += 1
+            if self._sigints > 1:
+                _say("second Ctrl-C: exiting now; the newest complete checkpoint is kept, rerun to resume from it")
+                _release_locks()
+                os._exit(EXIT_INTERRUPTED)
+            _state["interrupted"] = True
+            _say("Ctrl-C: finishing this step and saving a checkpoint, then exiting (Ctrl-C again exits at once)")
         self._flag.set()
         if self._timer is None:
             self._timer = threading.Timer(self.grace_s, self._expire)
@@ -54,8 +91,24 @@ class Preemption:
         return self.triggered
 
     def done(self) -> None:
-        """Restore the previous SIGTERM handler and stop the watchdog."""
+        """Restore the previous SIGTERM and SIGINT handlers and stop the watchdog."""
         if self._timer is not None:
             self._timer.cancel()
-        if self._previous is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._previous)
+        if threading.current_thread() is threading.main_thread():
+            if self._previous is not None:
+                signal.signal(signal.SIGTERM, self._previous)
+                self._previous = None
+            if self._previous_int is not None:
+                signal.signal(signal.SIGINT, self._previous_int)
+                self._previous_int = None
+
+
+def _say(message: str) -> None:
+    # os.write, not print: a signal handler may run while the main thread is inside a print.
+    os.write(2, (message + "\n").encode())
+
+
+def _release_locks() -> None:
+    from jaxlm.main import lock
+
+    lock.release_all()

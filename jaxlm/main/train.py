@@ -18,7 +18,7 @@ from jaxlm.common_types import ConfigError, UserError
 from jaxlm.config_lib import Config
 from jaxlm.data import hosts, pipeline, sources
 from jaxlm.main import data_state as data_state_lib
-from jaxlm.main import experiment, preempt
+from jaxlm.main import experiment, lock, preempt
 from jaxlm.main import workdir as workdir_lib
 from jaxlm.metric_writer import MetricWriter
 from jaxlm.models import config as model_config
@@ -106,6 +106,17 @@ def run(config: Config, workdir: str, *, stop_at: int | None = None, stream: Tex
 
     ``stop_at`` ends the run after that step (with a checkpoint), as an interruption would.
     """
+    # ---- Workdir: one writer at a time (jaxlm/main/lock.py), held until the run ends.
+    workdir_lock = lock.acquire(workdir_lib.check_path(workdir))
+    try:
+        metrics = _run(config, workdir, stop_at=stop_at, stream=stream)
+    finally:
+        workdir_lock.release()
+    preempt.exit_if_interrupted()  # stopped by Ctrl-C (saved): the command exits 130
+    return metrics
+
+
+def _run(config: Config, workdir: str, *, stop_at: int | None, stream: TextIO | None) -> dict[str, Any]:
     stream = stream or sys.stdout
     lead = jax.process_index() == 0
 

@@ -31,12 +31,30 @@ def check_path(workdir: str, *, must_exist: bool = False) -> str:
         raise CheckpointError(f"--workdir {workdir} is a file, not a directory; give a directory path")
     if must_exist and not os.path.isdir(path):
         raise CheckpointError(f"--workdir {workdir} does not exist; train first with: jaxlm train --workdir {workdir}")
+    if must_exist:
+        return path
     parent = path
-    while not os.path.exists(parent):
+    while not os.path.lexists(parent):
         parent = os.path.dirname(parent)
-    if not os.access(parent, os.W_OK) and not must_exist:
+    if not os.path.isdir(parent):
+        raise CheckpointError(
+            f"--workdir {workdir} cannot be created: {parent} is a file, not a directory; pick another path"
+        )
+    if not os.access(parent, os.W_OK):
+        if _read_only(parent):
+            raise CheckpointError(
+                f"--workdir {workdir} cannot be created or written: {parent} is on a read-only filesystem; "
+                "pick a path on a writable one"
+            )
         raise CheckpointError(f"--workdir {workdir} is not writable (no write permission on {parent}); pick another")
     return path
+
+
+def _read_only(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def saved_config(workdir: str) -> ml_collections.ConfigDict | None:
