@@ -9,7 +9,8 @@ sequence tasks):
     Local files (:mod:`jaxlm.data.local_files`), and the built-in corpus (the running
     Python's standard library source), prepared once as ``array_record`` through one tfds
     builder and read back with random access, so TensorFlow is not needed. The split into
-    train and validation is deterministic.
+    train and validation is deterministic. ``builtin`` with ``config.data.name`` set opens a
+    built-in downstream task instead (:mod:`jaxlm.data.builtin_tasks`).
 ``tfds``
     A catalog dataset by name (:mod:`jaxlm.data.catalog`) from ``config.data.data_dir``.
 ``synthetic``
@@ -32,7 +33,7 @@ import numpy as np
 
 from jaxlm.common_types import DataError
 from jaxlm.config_lib import DataConfig
-from jaxlm.data import catalog
+from jaxlm.data import builtin_tasks, catalog
 from jaxlm.data.local_files import DECODE_ERRORS, Record, Spec, detect_format, import_tfds, parse_fields, split_records
 from jaxlm.data.local_files import VALIDATION_BUCKETS as VALIDATION_BUCKETS
 from jaxlm.data.local_files import default_data_dir as default_data_dir
@@ -251,6 +252,31 @@ def prepare_text_files(
     )
 
 
+def prepare_builtin_task(name: str, *, data_dir: str, eval_fraction: float) -> dict[str, Any]:
+    """Prepare (once) and open the splits of built-in task ``name`` (:mod:`jaxlm.data.builtin_tasks`).
+
+    Written as ``array_record`` through the same builder as local files, keyed by a
+    fingerprint of the task, its version, ``eval_fraction`` and the standard-library files.
+    """
+    tfds = import_tfds()
+    task = builtin_tasks.lookup(name)
+    files = builtin_tasks.task_files(name)
+    data_dir = os.path.expanduser(data_dir or default_data_dir())
+    config = tfds.core.BuilderConfig(
+        name=_fingerprint(files, [], [name, eval_fraction, builtin_tasks.VERSION]),
+        description=f"jaxlm built-in task {name}",
+    )
+    cls = builder_class()
+    builder = cls(config=config, data_dir=data_dir, file_format="array_record")
+    if builder.is_prepared():
+        builder = tfds.builder_from_directory(builder.data_dir)
+    else:
+        splits = builtin_tasks.build_task(name, eval_fraction, files)
+        builder = cls(splits=splits, spec=task.spec, config=config, data_dir=data_dir, file_format="array_record")
+        builder.download_and_prepare()
+    return {split: builder.as_data_source(split=split) for split in ("train", "validation")}
+
+
 # ----------------------------------------------------------------------------- Markov chains
 
 
@@ -379,6 +405,8 @@ def open_sources(cfg: DataConfig) -> dict[str, TextSource]:
             validation_split=cfg.eval_split,
             download=cfg.download,
         )
+    if cfg.source == "builtin" and cfg.name:
+        return prepare_builtin_task(cfg.name, data_dir=cfg.data_dir, eval_fraction=cfg.eval_fraction)
     if cfg.source == "builtin":
         files = builtin_files()
         if not files:
