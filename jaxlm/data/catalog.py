@@ -4,19 +4,19 @@ Each dataset of :data:`CATALOG` is opened from ``data_dir`` with its builder's
 ``as_data_source`` (``array_record``, so TensorFlow is not needed) and its records are
 renamed to the fields jaxlm's objectives read by default:
 
-=================  ==========================  ===================================  ==========  ===============
+=================  ==========================  ===================================  ==========  ====================
 name               tfds name                   jaxlm field <- tfds feature          validation  objective
-=================  ==========================  ===================================  ==========  ===============
+=================  ==========================  ===================================  ==========  ====================
 tiny_shakespeare   tiny_shakespeare            text <- text (one text per split)    validation  causal_lm
 lm1b               lm1b                        text <- text                         test        causal_lm
 c4                 c4/en                       text <- text                         validation  causal_lm
 imdb_reviews       imdb_reviews/plain_text     text <- text, label <- label         test        classification
 glue/sst2          glue/sst2                   text <- sentence, label <- label     validation  classification
-conll2003          conll2003                   tokens <- tokens, tags <- ner        dev         tagging
+conll2003          conll2003                   tokens <- tokens, tags <- ner        dev         token_classification
 wmt14_translate    wmt14_translate/de-en       source <- de, target <- en           validation  seq2seq
 cnn_dailymail      cnn_dailymail               source <- article, target <- highl.  validation  seq2seq
 squad              squad/v1.1                  question, context, answers           validation  qa
-=================  ==========================  ===================================  ==========  ===============
+=================  ==========================  ===================================  ==========  ====================
 
 Other configs of these datasets work too (``c4/en.noclean``, ``squad/v2.0``, and
 ``wmt14_translate/fr-en``, whose source is its first language). Values come back as jaxlm's
@@ -91,7 +91,11 @@ CATALOG: dict[str, CatalogDataset] = {
         "glue/sst2", f"{_TFDS}.text.glue", {"text": "sentence", "label": "label"}, "validation", "classification"
     ),
     "conll2003": CatalogDataset(
-        "conll2003", f"{_TFDS}.text.conll2003.conll2003", {"tokens": "tokens", "tags": "ner"}, "dev", "tagging"
+        "conll2003",
+        f"{_TFDS}.text.conll2003.conll2003",
+        {"tokens": "tokens", "tags": "ner"},
+        "dev",
+        "token_classification",
     ),
     "wmt14_translate": CatalogDataset(
         "wmt14_translate/de-en", f"{_TFDS}.translate.wmt14", {"source": "de", "target": "en"}, "validation", "seq2seq"
@@ -160,7 +164,7 @@ def objective_options(name: str, data_dir: str = "") -> dict[str, Any]:
     names = label_names(name, data_dir)
     if entry.objective == "classification":
         return {"labels": list(range(len(names["label"])))}
-    if entry.objective == "tagging":
+    if entry.objective == "token_classification":
         return {"labels": names["tags"]}
     return {}
 
