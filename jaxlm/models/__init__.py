@@ -10,6 +10,10 @@ as its only attribute. Call signatures (all keyword arguments after the first ar
   inputs_segment_ids, targets_segment_ids, deterministic, decode) -> [B, T, V]``, plus ``encode`` and
   ``decode`` methods for generation
 * ``rnn``: ``RnnLM(cfg)(tokens, *, deterministic, decode, positions, segment_ids) -> [B, T, V]``
+
+``build(cfg, head=HeadConfig(...))`` gives a decoder-only or encoder-only model a task head
+(:mod:`jaxlm.models.heads`) instead of its language-model heads; its call then returns the
+head's dict (``logits``, or ``start_logits`` / ``end_logits``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from jaxlm.config_lib import ModelConfig
 from jaxlm.models.decoder_only import DecoderOnly
 from jaxlm.models.encoder_decoder import EncoderDecoder
 from jaxlm.models.encoder_only import EncoderOnly
+from jaxlm.models.heads import HeadConfig
 from jaxlm.models.rnn import RnnLM
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -33,14 +38,28 @@ MODELS: dict[str, type[nn.Module]] = {
 }
 
 
-def build(cfg: ModelConfig, vocab_size: int | None = None) -> nn.Module:
-    """Instantiate ``MODELS[cfg.kind]``; ``vocab_size`` fills ``cfg.vocab_size == 0``."""
+# The kinds a task head (jaxlm.models.heads) attaches to.
+HEAD_KINDS = ("decoder_only", "encoder_only")
+
+
+def build(cfg: ModelConfig, vocab_size: int | None = None, *, head: HeadConfig | None = None) -> nn.Module:
+    """Instantiate ``MODELS[cfg.kind]``; ``vocab_size`` fills ``cfg.vocab_size == 0``.
+
+    ``head`` replaces the language-model heads by a task head (decoder_only, encoder_only).
+    """
     if cfg.kind not in MODELS:
         raise ConfigError(f"config.model.kind={cfg.kind!r} is not one of: {', '.join(MODELS)}")
+    if head is not None and cfg.kind not in HEAD_KINDS:
+        raise ConfigError(
+            f"config.task.head={head.kind!r} attaches to {' or '.join(HEAD_KINDS)} models, not "
+            f"config.model.kind={cfg.kind!r}"
+        )
     if cfg.vocab_size == 0:
         if vocab_size is None:
             raise ConfigError("config.model.vocab_size is 0 and no tokenizer vocab size was given; set it")
         cfg = dataclasses.replace(cfg, vocab_size=vocab_size)
+    if head is not None:
+        return MODELS[cfg.kind](cfg, head=head)
     return MODELS[cfg.kind](cfg)
 
 

@@ -15,7 +15,8 @@ Parameter tree (unrolled; ``scan_layers`` stacks the blocks as ``blocks/layers/b
     blocks/layer_i/mlp_norm/{scale, bias}
     blocks/layer_i/mlp/{wi | wi_0, wi_1}/{kernel [D, F], bias}, mlp/wo/{kernel [F, D], bias}
     final_norm/{scale, bias}                          pre_norm
-    lm_head/kernel                   [D, V]           tie_embeddings=False
+    lm_head/kernel                   [D, V]           tie_embeddings=False, no task head
+    head/...                         a task head (jaxlm.models.heads) instead of the LM head
 
 The default config is GPT-2's layout (``jaxlm.interop.hf`` maps its weights onto this tree).
 
@@ -29,6 +30,8 @@ import jax.numpy as jnp
 
 from jaxlm import logical_axes as ax
 from jaxlm.config_lib import ModelConfig
+from jaxlm.models import heads
+from jaxlm.models.heads import HeadConfig
 from jaxlm.models.transformer import ACT, BlockStack, CachePositions, add_positions, dtypes, norm
 from jaxlm.nn import masks
 from jaxlm.nn.dropout import Dropout
@@ -37,9 +40,16 @@ from jaxlm.nn.linears import DenseGeneral
 
 
 class DecoderOnly(nn.Module):
-    """Token embedding, positions, causal blocks, final norm, LM head."""
+    """Token embedding, positions, causal blocks, final norm, LM head (or a task head).
+
+    Attributes:
+      cfg: the model config.
+      head: a task head (:mod:`jaxlm.models.heads`) in place of the LM head; the call then
+        returns its output dict (``logits``, or ``start_logits`` / ``end_logits``).
+    """
 
     cfg: ModelConfig
+    head: HeadConfig | None = None
 
     @nn.compact
     def __call__(
@@ -50,8 +60,8 @@ class DecoderOnly(nn.Module):
         segment_ids: jnp.ndarray | None = None,
         deterministic: bool = True,
         decode: bool = False,
-    ) -> jnp.ndarray:
-        """``[B, T] int -> [B, T, V]`` float32 logits.
+    ) -> jnp.ndarray | dict[str, jnp.ndarray]:
+        """``[B, T] int -> [B, T, V]`` float32 logits (with a task head: its output dict).
 
         Args:
           tokens: ``[B, T]`` token ids.
@@ -81,6 +91,8 @@ class DecoderOnly(nn.Module):
         )
         if cfg.pre_norm:
             x = norm(cfg, "final_norm")(x)
+        if self.head is not None:
+            return self._task_head(x, tokens, segment_ids, deterministic=deterministic, decode=decode)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
@@ -88,3 +100,16 @@ class DecoderOnly(nn.Module):
                 (cfg.vocab_size,), (ax.EMBED, ax.VOCAB), use_bias=False, dtype=dt, param_dtype=pdt, name="lm_head"
             )(x).astype(jnp.float32)
         return nn.with_logical_constraint(logits, (ax.ACT_BATCH, ax.ACT_LENGTH, ax.ACT_VOCAB))
+
+    def _task_head(
+        self, x: jnp.ndarray, tokens: jnp.ndarray, segment_ids: jnp.ndarray | None, *, deterministic: bool, decode: bool
+    ) -> dict[str, jnp.ndarray]:
+        """The task head's outputs from the final hidden states ``x [B, T, D]`` (see :mod:`jaxlm.models.heads`)."""
+        head = self.head
+        if decode:
+            raise ValueError("a DecoderOnly with a task head has no decode mode (it predicts no tokens)")
+        x = nn.with_logical_constraint(x, ACT)
+        if head.sequence_level:
+            # 'auto' on a decoder: the last real token, the only one that attended to the whole sequence.
+            x = heads.pool(x, tokens, segment_ids, "last" if head.pooling == "auto" else head.pooling)
+        return heads.TaskHead(self.cfg, head, decoder=True, name="head")(x, deterministic=deterministic)

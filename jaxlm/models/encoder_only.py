@@ -37,6 +37,9 @@ Parameter tree and the Hugging Face ``BertForPreTraining`` tensor each maps from
     mlm/decoder/kernel [D, V]           cls.predictions.decoder.weight.T  (only if untied)
     nsp/{kernel [D, 2], bias [2]}       cls.seq_relationship (weight.T)
 
+With a task head (:mod:`jaxlm.models.heads`) there is no ``mlm`` or ``nsp``, but ``head/...``
+(and ``pooler`` only for a sequence-level head with ``pooling='auto'``).
+
 BERT matches ``position='learned'``, ``pre_norm=False``, ``norm='layernorm'``,
 ``norm_eps=1e-12``, ``activation='gelu_exact'``, ``use_bias=True``, ``tie_embeddings=True``,
 ``type_vocab_size=2`` (see ``configs/bert.py``). With ``scan_layers`` the blocks are stacked as
@@ -54,6 +57,8 @@ import jax.numpy as jnp
 
 from jaxlm import logical_axes as ax
 from jaxlm.config_lib import ModelConfig
+from jaxlm.models import heads
+from jaxlm.models.heads import HeadConfig
 from jaxlm.models.transformer import ACT, BlockStack, add_positions, dtypes, norm
 from jaxlm.nn import masks, matmul
 from jaxlm.nn.dropout import Dropout
@@ -116,9 +121,16 @@ class MlmHead(nn.Module):
 
 
 class EncoderOnly(nn.Module):
-    """BERT: embeddings, bidirectional blocks, masked-LM and next-sentence heads."""
+    """BERT: embeddings, bidirectional blocks, masked-LM and next-sentence heads (or a task head).
+
+    Attributes:
+      cfg: the model config.
+      head: a task head (:mod:`jaxlm.models.heads`) in place of the MLM and NSP heads; the call
+        then returns its output dict (``logits``, or ``start_logits`` / ``end_logits``).
+    """
 
     cfg: ModelConfig
+    head: HeadConfig | None = None
 
     @nn.compact
     def __call__(
@@ -142,7 +154,8 @@ class EncoderOnly(nn.Module):
 
         Returns:
           ``mlm_logits [B, T, V]`` (float32), ``nsp_logits [B, 2]`` (float32), ``pooled [B, D]``
-          (the pooler output), ``hidden [B, T, D]`` (the encoder output).
+          (the pooler output), ``hidden [B, T, D]`` (the encoder output); with a task head, the
+          head's outputs instead (:mod:`jaxlm.models.heads`).
         """
         cfg = self.cfg
         dt, pdt = dtypes(cfg)
@@ -165,13 +178,12 @@ class EncoderOnly(nn.Module):
         if cfg.pre_norm:
             x = norm(cfg, "final_norm")(x)
         hidden = nn.with_logical_constraint(x, ACT)
+        if self.head is not None:
+            return self._task_head(hidden, tokens, segment_ids, deterministic=deterministic)
 
         mlm_logits = MlmHead(cfg, name="mlm")(hidden, None if not cfg.tie_embeddings else embed.embedding)
         mlm_logits = nn.with_logical_constraint(mlm_logits, (ax.ACT_BATCH, ax.ACT_LENGTH, ax.ACT_VOCAB))
-        pooled = DenseGeneral(
-            (cfg.embed_dim,), (ax.EMBED, ax.MLP), use_bias=cfg.use_bias, dtype=dt, param_dtype=pdt, name="pooler"
-        )(hidden[:, 0])
-        pooled = nn.with_logical_constraint(jnp.tanh(pooled), (ax.ACT_BATCH, ax.ACT_EMBED))
+        pooled = self._pooler(hidden)
         nsp_logits = DenseGeneral((2,), (ax.EMBED, None), dtype=dt, param_dtype=pdt, name="nsp")(pooled)
         return {
             "mlm_logits": mlm_logits,
@@ -179,3 +191,24 @@ class EncoderOnly(nn.Module):
             "pooled": pooled,
             "hidden": hidden,
         }
+
+    def _pooler(self, hidden: jnp.ndarray) -> jnp.ndarray:
+        """BERT's pooler: dense ``D -> D`` and tanh on the first token (``[CLS]``), ``[B, D]``."""
+        cfg = self.cfg
+        dt, pdt = dtypes(cfg)
+        pooled = DenseGeneral(
+            (cfg.embed_dim,), (ax.EMBED, ax.MLP), use_bias=cfg.use_bias, dtype=dt, param_dtype=pdt, name="pooler"
+        )(hidden[:, 0])
+        return nn.with_logical_constraint(jnp.tanh(pooled), (ax.ACT_BATCH, ax.ACT_EMBED))
+
+    def _task_head(
+        self, hidden: jnp.ndarray, tokens: jnp.ndarray, segment_ids: jnp.ndarray | None, *, deterministic: bool
+    ) -> dict[str, jnp.ndarray]:
+        """The task head's outputs from the encoder output ``hidden [B, T, D]`` (see :mod:`jaxlm.models.heads`)."""
+        head = self.head
+        x = hidden
+        if head.sequence_level and head.pooling == "auto":
+            x = self._pooler(hidden)
+        elif head.sequence_level:
+            x = heads.pool(hidden, tokens, segment_ids, head.pooling)
+        return heads.TaskHead(self.cfg, head, name="head")(x, deterministic=deterministic)
