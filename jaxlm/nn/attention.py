@@ -9,12 +9,20 @@ through ``IMPLEMENTATIONS``:
 * ``blockwise``: pure-JAX chunked online softmax (``jaxlm.nn.blockwise``), memory linear in
   length, forward and backward; for CPU/TPU and long context.
 
+* ``ring``: ring attention over the mesh axis that the logical ``act_length`` axis is sharded
+  on (``jaxlm.nn.ring``): each device keeps its query chunk and passes key/value chunks around
+  the ring, combining blockwise results by their log-sum-exp.
+
 Common semantics: masks are boolean and broadcastable to ``[B, N, T, S]`` (True = attend; see
-``jaxlm.nn.masks``), biases are additive logits and broadcastable likewise, ``causal=True``
-adds the top-left-aligned causal mask (key s <= query t) without materialising it, and a query
-row that may attend to no key outputs zeros (and has all-zero weights) rather than the uniform
-average a plain masked softmax gives. ``dot_product`` cannot apply dropout nor return weights,
-and ``blockwise`` cannot return weights: those requests fall back to ``xla``.
+``jaxlm.nn.masks``) or a ``masks.TokenMask`` (segments / key padding as per-token vectors),
+biases are additive logits and broadcastable likewise or a ``positions.PositionBias`` (ALiBi /
+T5 from positions); ``blockwise`` and ``ring`` evaluate the vector forms tile by tile and never
+hold a ``[T, S]`` array, ``xla`` and ``dot_product`` materialise them. ``causal=True`` adds the
+top-left-aligned causal mask (key s <= query t) without materialising it, ``window=w > 0``
+the sliding window (``t - w < s``, and ``s < t + w`` unless causal), and a query row that may
+attend to no key outputs zeros (and has all-zero weights) rather than the uniform average a
+plain masked softmax gives. ``dot_product`` cannot apply dropout nor return weights, and
+``blockwise`` / ``ring`` cannot return weights: those requests fall back to ``xla``.
 
 Shapes: B batch, T query length, S key length, N query heads, K key/value heads (N = K * G
 for grouped-query attention, K = 1 for multi-query), H head dim, D model dim.
@@ -34,10 +42,27 @@ from jaxlm.nn import masks, matmul
 from jaxlm.nn.blockwise import blockwise, group_heads
 from jaxlm.nn.dropout import dropout
 from jaxlm.nn.linears import DenseGeneral, default_kernel_init, fused_dense
-from jaxlm.nn.positions import apply_rope
+from jaxlm.nn.masks import TokenMask
+from jaxlm.nn.positions import PositionBias, RopeScaling, apply_rope
+from jaxlm.nn.ring import ring_attention
 from jaxlm.nn.softmax import masked_softmax
 
 AttentionOutput = jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]
+Mask = jnp.ndarray | TokenMask | None
+Bias = jnp.ndarray | PositionBias | None
+
+
+def dense_inputs(
+    mask: Mask, bias: Bias, t: int, s: int, window: int | jax.Array, causal: bool
+) -> tuple[jnp.ndarray | None, jnp.ndarray | None]:
+    """Materialise vector-form masks and biases, and fold a sliding window into the mask."""
+    if isinstance(mask, TokenMask):
+        mask = mask.dense()
+    if isinstance(bias, PositionBias):
+        bias = bias.dense()
+    if not (isinstance(window, int) and window <= 0):
+        mask = masks.combine(mask, masks.window_mask(t, s, window, causal=causal))
+    return mask, bias
 
 
 def _causal(t: int, s: int) -> jnp.ndarray:
@@ -57,6 +82,7 @@ def xla_attention(
     deterministic: bool = True,
     return_weights: bool = False,
     causal: bool = False,
+    window: int | jax.Array = 0,
 ) -> AttentionOutput:
     """Compute reference attention with einsums; softmax in float32.
 
@@ -72,12 +98,14 @@ def xla_attention(
       deterministic: disables dropout.
       return_weights: also return the attention probabilities ``[B, N, T, S]`` (after dropout).
       causal: also apply the causal mask (key s <= query t).
+      window: sliding window size (0 = full attention).
 
     Returns:
       ``[B, T, N, H]`` (and the weights if asked).
     """
     b, t, n, h = query.shape
     s, k_heads = key.shape[1], key.shape[2]
+    mask, bias = dense_inputs(mask, bias, t, s, window, causal)
     g = n // k_heads
     q = query * jnp.asarray(h**-0.5, query.dtype)
     if g == 1 and query.dtype == jnp.float32:
@@ -131,6 +159,7 @@ def dot_product_attention(
     deterministic: bool = True,
     return_weights: bool = False,
     causal: bool = False,
+    window: int | jax.Array = 0,
     implementation: str | None = None,
 ) -> AttentionOutput:
     """Attention through ``jax.nn.dot_product_attention`` (same arguments as ``xla_attention``).
@@ -138,7 +167,8 @@ def dot_product_attention(
     ``implementation=None`` picks ``'cudnn'`` (flash attention) on GPUs for bf16/fp16 inputs
     and falls back to ``jax.nn``'s XLA path when cuDNN rejects the call at trace time (head dim,
     dtype, cuDNN missing); pass ``'xla'`` or ``'cudnn'`` to force one. Dropout and
-    ``return_weights`` are not supported by ``jax.nn``: those calls run ``xla_attention``.
+    ``return_weights`` are not supported by ``jax.nn``: those calls run ``xla_attention``. A
+    static ``window`` goes to ``jax.nn``'s ``local_window_size``; a traced one becomes a mask.
     """
     if return_weights or (not deterministic and dropout_rate > 0.0):
         return xla_attention(
@@ -152,7 +182,12 @@ def dot_product_attention(
             deterministic=deterministic,
             return_weights=return_weights,
             causal=causal,
+            window=window,
         )
+    local = None
+    if isinstance(window, int) and window > 0:
+        local, window = (window - 1, 0 if causal else window - 1), 0
+    mask, bias = dense_inputs(mask, bias, query.shape[1], key.shape[1], window, causal)
     mask4, bias4 = _to4d(mask), _to4d(bias)
     if mask4 is not None:
         mask4 = mask4.astype(bool)
@@ -161,7 +196,7 @@ def dot_product_attention(
         # cuDNN wants the bias in the input dtype; XLA adds it to float32 logits, so keep it exact.
         b = bias4.astype(query.dtype) if impl == "cudnn" and bias4 is not None else bias4
         return jax.nn.dot_product_attention(
-            query, key, value, bias=b, mask=mask4, is_causal=causal, implementation=impl
+            query, key, value, bias=b, mask=mask4, is_causal=causal, local_window_size=local, implementation=impl
         )
 
     if implementation is None and _cudnn_applies(query):
@@ -173,6 +208,8 @@ def dot_product_attention(
         out = call(implementation)
     if mask4 is not None:  # zero the rows that may attend to nothing (jax.nn averages them)
         allowed = mask4 & _causal(query.shape[1], key.shape[1]) if causal else mask4
+        if local is not None:
+            allowed = allowed & masks.window_mask(query.shape[1], key.shape[1], local[0] + 1, causal=causal)
         row_ok = jnp.any(allowed, axis=-1)  # [B|1, N|1, T]
         out = jnp.where(jnp.transpose(row_ok, (0, 2, 1))[..., None], out, jnp.zeros((), out.dtype))
     return out
@@ -190,6 +227,7 @@ def blockwise_attention(
     deterministic: bool = True,
     return_weights: bool = False,
     causal: bool = False,
+    window: int | jax.Array = 0,
     block_q: int = 512,
     block_kv: int = 512,
 ) -> AttentionOutput:
@@ -211,6 +249,7 @@ def blockwise_attention(
             deterministic=deterministic,
             return_weights=True,
             causal=causal,
+            window=window,
         )
     rate = 0.0 if deterministic else dropout_rate
     return blockwise(
@@ -222,6 +261,7 @@ def blockwise_attention(
         dropout_rate=rate,
         dropout_rng=dropout_rng,
         causal=causal,
+        window=window,
         block_q=block_q,
         block_kv=block_kv,
     )
@@ -232,7 +272,10 @@ IMPLEMENTATIONS: dict[str, AttentionFn] = {
     "xla": xla_attention,
     "dot_product": dot_product_attention,
     "blockwise": blockwise_attention,
+    "ring": ring_attention,
 }
+# Implementations that never hold a [T, S] array: models hand them vector-form masks and biases.
+TILED = ("blockwise", "ring")
 
 
 def attention(implementation: str) -> AttentionFn:
@@ -254,10 +297,18 @@ class MultiHeadAttention(nn.Module):
     The init call with ``decode=True`` sizes the cache by its input length. Cross-attention
     keeps no cache: its keys and values are recomputed from ``inputs_kv`` on every call.
 
+    Sliding window (``window`` > 0, a Python int): the cache is a rolling buffer of
+    ``min(window, S_max)`` slots (``cached_key``, ``cached_value`` and ``cached_positions``, the
+    token index held by each slot, -1 when empty), so its memory is O(window) however long
+    the generation; each call attends to the buffer plus its own new keys. A traced window
+    (scanned layers with mixed windows) keeps the full cache and masks it. With a rolling cache a
+    ``PositionBias`` is evaluated at the slots' token indices (the default positions).
+
     RoPE: set ``rope_max_wavelength`` (e.g. 10 000) to rotate queries and keys by their
     positions (``positions`` / ``kv_positions``; by default ``0..T-1``, offset by the cache
     index in decode mode; cross-attention keys default to ``0..S-1``). ``rope_scale`` is linear
-    position interpolation (see ``jaxlm.nn.positions.apply_rope``).
+    position interpolation and ``rope_scaling`` a context-extension method (see
+    ``jaxlm.nn.positions.apply_rope``).
 
     ``fuse_projections`` computes the query, key and value projections (key and value for
     cross-attention) as one matmul over their concatenated kernels (:func:`fused_dense`); the
@@ -273,6 +324,7 @@ class MultiHeadAttention(nn.Module):
     out_init_std: float = 0.02
     rope_max_wavelength: float | None = None
     rope_scale: float = 1.0
+    rope_scaling: RopeScaling | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     fuse_projections: bool = False
@@ -283,26 +335,30 @@ class MultiHeadAttention(nn.Module):
         inputs_q: jnp.ndarray,
         inputs_kv: jnp.ndarray | None = None,
         *,
-        mask: jnp.ndarray | None = None,
-        bias: jnp.ndarray | None = None,
+        mask: Mask = None,
+        bias: Bias = None,
         deterministic: bool,
         decode: bool = False,
         return_weights: bool = False,
         positions: jnp.ndarray | None = None,
         kv_positions: jnp.ndarray | None = None,
+        causal: bool = False,
+        window: int | jax.Array = 0,
     ) -> jnp.ndarray:
         """``[B, T, D]`` (and ``[B, S, D]`` for cross-attention) -> ``[B, T, D]``.
 
         Args:
           inputs_q: ``[B, T, D]`` queries (and keys/values for self-attention).
           inputs_kv: ``[B, S, D]`` keys/values for cross-attention.
-          mask: boolean, broadcastable to ``[B, N, T, S]``.
-          bias: additive logits bias broadcastable to ``[B, N, T, S]`` (T5 / ALiBi).
+          mask: boolean, broadcastable to ``[B, N, T, S]``, or a ``TokenMask``.
+          bias: additive logits bias broadcastable to ``[B, N, T, S]`` (T5 / ALiBi), or a ``PositionBias``.
           deterministic: disables attention dropout.
           decode: use and extend the self-attention key/value cache.
           return_weights: sow the ``[B, N, T, S]`` weights into ``intermediates/attention_weights``.
           positions: ``[B, T]`` query (and self-attention key) positions for RoPE.
           kv_positions: ``[B, S]`` key positions for RoPE in cross-attention.
+          causal: restrict query t to keys s <= t (by index; the cache applies it itself in decode mode).
+          window: sliding-window size, 0 = full (see the class docstring for the cache).
         """
         d = inputs_q.shape[-1]
         cross = inputs_kv is not None
@@ -333,17 +389,26 @@ class MultiHeadAttention(nn.Module):
                 positions = (jnp.arange(q.shape[1], dtype=jnp.int32) + offset)[None]
             if kv_positions is None:
                 kv_positions = jnp.arange(k.shape[1], dtype=jnp.int32)[None] if cross else positions
-            rope = dict(max_wavelength=self.rope_max_wavelength, scale=self.rope_scale)
+            rope = dict(max_wavelength=self.rope_max_wavelength, scale=self.rope_scale, scaling=self.rope_scaling)
             q = apply_rope(q, positions, **rope)
             k = apply_rope(k, kv_positions, **rope)
 
+        implementation = self.implementation
         if use_cache:
-            k, v, mask = self._update_cache(k, v, mask, cache_index)
+            if isinstance(window, int) and window > 0:
+                k, v, mask, bias = self._update_rolling_cache(k, v, mask, bias, cache_index, window)
+            else:
+                k, v, mask = self._update_cache(k, v, mask, cache_index, window)
+                if isinstance(bias, PositionBias):
+                    bias = bias.dense()
+            # The cache mask holds the causal and window restrictions; a few new tokens need no ring.
+            causal, window = False, 0
+            implementation = "xla" if implementation == "ring" else implementation
 
         dropout_rng = None
         if not deterministic and self.dropout_rate > 0.0:
             dropout_rng = self.make_rng("dropout")
-        result = attention(self.implementation)(
+        result = attention(implementation)(
             q,
             k,
             v,
@@ -353,6 +418,8 @@ class MultiHeadAttention(nn.Module):
             dropout_rng=dropout_rng,
             deterministic=deterministic,
             return_weights=return_weights,
+            causal=causal,
+            window=window,
         )
         out, weights = result if return_weights else (result, None)
         out = nn.with_logical_constraint(out, (ax.ACT_BATCH, ax.ACT_LENGTH, ax.ACT_HEADS, ax.ACT_HEAD_DIM))
@@ -369,9 +436,11 @@ class MultiHeadAttention(nn.Module):
         return y
 
     def _update_cache(
-        self, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray | None, index: Any
+        self, k: jnp.ndarray, v: jnp.ndarray, mask: Mask, index: Any, window: int | jax.Array = 0
     ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray | None]:
         """Write ``k, v`` at ``index`` (the cache's write-index variable); return the cache and its mask."""
+        if isinstance(mask, TokenMask):
+            mask = mask.dense()
         initialized = self.has_variable("cache", "cached_key")
         cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
@@ -390,5 +459,45 @@ class MultiHeadAttention(nn.Module):
         index.value = i + t
         q_pos = i + jnp.arange(t, dtype=jnp.int32)
         k_pos = jnp.arange(s, dtype=jnp.int32)
-        cache_mask = jnp.broadcast_to(k_pos[None, None, None, :] <= q_pos[None, None, :, None], (b, 1, t, s))
+        allowed = k_pos[None, :] <= q_pos[:, None]
+        if not (isinstance(window, int) and window <= 0):
+            allowed = allowed & ((k_pos[None, :] > q_pos[:, None] - window) | (window <= 0))
+        cache_mask = jnp.broadcast_to(allowed[None, None], (b, 1, t, s))
         return cached_key.value, cached_value.value, masks.combine(cache_mask, mask)
+
+    def _update_rolling_cache(
+        self, k: jnp.ndarray, v: jnp.ndarray, mask: Mask, bias: Bias, index: Any, window: int
+    ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray | None, jnp.ndarray | None]:
+        """Attend to a ``min(window, S_max)``-slot rolling buffer plus the new keys; then keep the newest.
+
+        Token ``p`` lives in slot ``p % slots``. Returns keys/values ``[B, slots + T, K, H]``, their
+        mask (causal and window by token index, empty slots off) and the bias at those keys.
+        """
+        b, t = k.shape[0], k.shape[1]
+        slots = min(window, t)
+        initialized = self.has_variable("cache", "cached_key")
+        shape = (b, slots, *k.shape[2:])
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
+        cached_pos = self.variable("cache", "cached_positions", lambda: jnp.full((b, slots), -1, jnp.int32))
+        if mask is not None:
+            raise ValueError("a rolling (sliding-window) KV cache takes no mask: it builds its own from token indices")
+        if not initialized:  # the init call only sizes the cache
+            return k, v, None, bias.dense() if isinstance(bias, PositionBias) else bias
+        slots = cached_key.value.shape[1]
+        i = index.value
+        new_pos = i + jnp.arange(t, dtype=jnp.int32)
+        keys = jnp.concatenate([cached_key.value, k.astype(cached_key.value.dtype)], axis=1)
+        values = jnp.concatenate([cached_value.value, v.astype(cached_value.value.dtype)], axis=1)
+        k_pos = jnp.concatenate([cached_pos.value, jnp.broadcast_to(new_pos, (b, t))], axis=1)  # [B, slots + T]
+        qp, kp = new_pos[None, :, None], k_pos[:, None, :]
+        allowed = (kp >= 0) & (kp <= qp) & (kp > qp - window)
+        keep = min(t, slots)  # the newest tokens overwrite the oldest slots (distinct slots: no write races)
+        where = (i + t - keep + jnp.arange(keep, dtype=jnp.int32)) % slots
+        cached_key.value = cached_key.value.at[:, where].set(k[:, t - keep :].astype(cached_key.value.dtype))
+        cached_value.value = cached_value.value.at[:, where].set(v[:, t - keep :].astype(cached_value.value.dtype))
+        cached_pos.value = cached_pos.value.at[:, where].set(jnp.broadcast_to(new_pos[t - keep :], (b, keep)))
+        index.value = i + t
+        if isinstance(bias, PositionBias):
+            bias = bias.with_keys(k_pos).dense()
+        return keys, values, allowed[:, None], bias

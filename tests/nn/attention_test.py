@@ -283,8 +283,8 @@ def test_return_weights(impl):
 
 
 def test_registry_and_unknown_name():
-    assert set(IMPLEMENTATIONS) == {"xla", "dot_product", "blockwise"}
-    with pytest.raises(ValueError, match="valid: xla, dot_product, blockwise"):
+    assert set(IMPLEMENTATIONS) == {"xla", "dot_product", "blockwise", "ring"}
+    with pytest.raises(ValueError, match="valid: xla, dot_product, blockwise, ring"):
         attention("flash")
 
 
