@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -582,7 +583,7 @@ def _to_dataclass(cls: type, value: Any, path: str) -> Any:
     """Build dataclass ``cls`` from a mapping, checking keys and leaf types."""
     if not isinstance(value, Mapping):
         raise ConfigError(f"config.{path} must be a section, got {value!r}")
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(value) - set(names))
     if unknown:
@@ -594,6 +595,10 @@ def _to_dataclass(cls: type, value: Any, path: str) -> Any:
     for name in names:
         kwargs[name] = _coerce(hints[name], value[name], _dotted(path, name))
     return cls(**kwargs)
+
+
+# Resolving the annotations is most of validate()'s time; they never change.
+_type_hints = functools.cache(typing.get_type_hints)
 
 
 def _dotted(path: str, name: str) -> str:
@@ -848,13 +853,21 @@ def from_json(text: str) -> ml_collections.ConfigDict:
     Keys missing from an older file keep their defaults; keys the current version does not
     know are rejected.
     """
-    raw = json.loads(text)
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"saved config is not valid JSON ({e.msg} at line {e.lineno}); fix it or use a new workdir"
+        ) from None
     config = base_config()
     _merge(config, raw, "")
     return config
 
 
 def _merge(node: ml_collections.ConfigDict, raw: Mapping[str, Any], path: str) -> None:
+    if not isinstance(raw, Mapping):
+        where = path.rstrip(".") or "the top level"
+        raise ConfigError(f"saved config: {where} must be a section, got {raw!r:.60}; fix it or use a new workdir")
     for key, value in raw.items():
         if key not in node:
             raise ConfigError(f"saved config has unknown key {path}{key}; it was written by a newer jaxlm")
@@ -866,8 +879,14 @@ def _merge(node: ml_collections.ConfigDict, raw: Mapping[str, Any], path: str) -
                 value = tuple(value)
             if isinstance(current, float) and isinstance(value, int):
                 value = float(value)
-            with node.unlocked():
-                node[key] = value
+            try:
+                with node.unlocked():
+                    node[key] = value
+            except TypeError:  # ml_collections keeps each field's type
+                raise ConfigError(
+                    f"saved config: {path}{key}={value!r:.60} is not a {type(current).__name__}; "
+                    "fix it or use a new workdir"
+                ) from None
 
 
 def flatten(raw: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
