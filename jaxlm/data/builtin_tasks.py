@@ -28,11 +28,12 @@ The corpus is the running Python's standard library: the top-level modules
 (:func:`jaxlm.data.sources.builtin_files`) for tokens, QA and summaries, the package modules
 (:func:`package_files`) for topics. Train and validation are split by file, with a hash of
 its path relative to the library (about ``eval_fraction`` of the files are held out, as for
-the language-modelling corpus), so no function of a validation file is seen in training.
+the language-modelling corpus; for topics, of each package's files, so every class is
+evaluated), so no function of a validation file is seen in training.
 Records are in file order within a split and source order within a file, and bounded in
 length (:data:`MAX_SOURCE_CHARS`, :data:`MAX_CONTEXT_CHARS`, :data:`TOKEN_CHUNK_WORDS`).
-:func:`jaxlm.data.sources.open_sources` prepares them once as ``array_record`` (building
-all four takes ~10-30 s of parsing) and reads them back with random access.
+:func:`jaxlm.data.sources.open_sources` prepares them once as ``array_record`` (10-30 s per
+task on 2 CPU cores, mostly parsing) and reads them back with random access.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from jaxlm.common_types import DataError
 from jaxlm.data.local_files import split_keyed
 from jaxlm.data.objectives_tasks import bio_labels
 
-VERSION = "1"  # part of the prepared data's fingerprint: bump it when the records change
+VERSION = "2"  # part of the prepared data's fingerprint: bump it when the records change
 TOPIC_LABELS = 8  # K: the packages with the most functions are the classes
 MAX_SOURCE_CHARS = 1200  # a function's source is cut (at a line end) to this many characters
 MIN_SOURCE_LINES = 3  # shorter functions (after removing docstrings) say too little to classify
@@ -315,7 +316,6 @@ def _tag_of(tok: tokenize.TokenInfo) -> str | None:
 
 
 _SKIP = frozenset({tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER})
-_SKIP |= {tokenize.ENCODING}
 # Python 3.12+ splits f-strings (3.14: t-strings) into pieces; they are joined back into one STRING.
 _STRING_STARTS = frozenset(getattr(tokenize, n) for n in ("FSTRING_START", "TSTRING_START") if hasattr(tokenize, n))
 _STRING_ENDS = frozenset(getattr(tokenize, n) for n in ("FSTRING_END", "TSTRING_END") if hasattr(tokenize, n))
@@ -395,11 +395,12 @@ class BuiltinTask:
     files: Callable[[], list[str]]
     records: Callable[[str], list[dict[str, Any]]]
     spec: dict[str, Any]  # field -> feature type, as jaxlm.data.local_files describes them
+    by_package: bool = False  # hold out files of every package, so each class is in both splits
 
 
 BUILTIN_TASKS: dict[str, BuiltinTask] = {
     "builtin_code_topic": BuiltinTask(
-        "classification", package_files, topic_records, {"text": "text", "label": "text"}
+        "classification", package_files, topic_records, {"text": "text", "label": "text"}, by_package=True
     ),
     "builtin_code_tokens": BuiltinTask(
         "token_classification", _top_level_files, token_records, {"tokens": ["text"], "tags": ["text"]}
@@ -434,23 +435,41 @@ def task_files(name: str) -> list[str]:
     return files
 
 
-def split_files(files: Sequence[str], eval_fraction: float) -> dict[str, list[str]]:
-    """Files split into train and validation by a hash of their path relative to the standard library."""
+def split_files(files: Sequence[str], eval_fraction: float, *, by_package: bool = False) -> dict[str, list[str]]:
+    """Files split into train and validation by a hash of their path relative to the standard library.
+
+    ``by_package`` splits the files of each top-level package separately (at least one file
+    of a package with two or more goes to each split), so every topic class is evaluated.
+    """
     root = stdlib_dir()
     keyed = sorted((os.path.relpath(f, root).replace(os.sep, "/"), f) for f in files)  # ties in order of path
-    return split_keyed(keyed, eval_fraction)
+    if not by_package:
+        return split_keyed(keyed, eval_fraction)
+    groups: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
+    for key, path in keyed:
+        groups[key.split("/")[0]].append((key, path))
+    out: dict[str, list[str]] = {"train": [], "validation": []}
+    for package in sorted(groups):
+        if len(groups[package]) == 1:  # a one-file package cannot be in both splits: it trains
+            out["train"].append(groups[package][0][1])
+            continue
+        for split, paths in split_keyed(groups[package], eval_fraction).items():
+            out[split].extend(paths)
+    return out
 
 
 def build_task(name: str, eval_fraction: float, files: Sequence[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     """The ``'train'`` and ``'validation'`` records of task ``name`` (``files`` overrides the task's corpus)."""
     task = lookup(name)
-    split = split_files(list(files) if files is not None else task_files(name), eval_fraction)
+    files = list(files) if files is not None else task_files(name)
+    split = split_files(files, eval_fraction, by_package=task.by_package)
     out = {key: [r for path in paths for r in task.records(path)] for key, paths in split.items()}
     for key, records in out.items():
         if not records:
+            fix = "raise it so more" if key == "validation" else "lower it so fewer"
             raise DataError(
-                f"built-in task {name!r}: the {key} split has no records; raise config.data.eval_fraction "
-                f"(now {eval_fraction}) so more files are held out"
+                f"built-in task {name!r}: the {key} split has no records; config.data.eval_fraction={eval_fraction}: "
+                f"{fix} files are held out"
             )
     return out
 

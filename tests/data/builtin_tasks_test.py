@@ -198,7 +198,10 @@ def _data_config(name, data_dir):
 @pytest.mark.parametrize("name", sorted(builtin_tasks.BUILTIN_TASKS))
 def test_open_sources_prepares_each_task_once_through_tfds(name, tmp_path, monkeypatch):
     few = {
-        "builtin_code_topic": [os.path.join("asyncio", "locks.py"), os.path.join("email", "charset.py")],
+        "builtin_code_topic": [
+            os.path.join(*p.split("/"))
+            for p in ("asyncio/locks.py", "asyncio/queues.py", "email/charset.py", "email/feedparser.py")
+        ],
     }.get(name, ["bisect.py", "shlex.py", "textwrap.py", "fnmatch.py"])
     task = dataclasses.replace(builtin_tasks.BUILTIN_TASKS[name], files=lambda: _stdlib(*few))
     monkeypatch.setitem(builtin_tasks.BUILTIN_TASKS, name, task)
@@ -219,3 +222,12 @@ def test_open_sources_prepares_each_task_once_through_tfds(name, tmp_path, monke
     assert batch["inputs"].shape == (2, 128)
     again = sources.open_sources(cfg)  # read back, not rebuilt
     assert len(again["train"]) == len(srcs["train"])
+
+
+def test_topic_split_holds_out_files_of_every_package():
+    root = builtin_tasks.stdlib_dir()
+    files = [f for f in builtin_tasks.package_files() if builtin_tasks.package_of(f) in ("json", "email", "asyncio")]
+    split = builtin_tasks.split_files(files, 0.1, by_package=True)
+    for split_files in split.values():
+        assert {os.path.relpath(f, root).split(os.sep)[0] for f in split_files} == {"json", "email", "asyncio"}
+    assert sorted(split["train"] + split["validation"]) == sorted(files)
