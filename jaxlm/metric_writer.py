@@ -12,8 +12,10 @@ from typing import Any, TextIO
 METRICS_FILE = "metrics.jsonl"
 
 
-def _scalar(value: Any) -> float | int:
+def _scalar(value: Any) -> float | int | str:
     value = value.item() if hasattr(value, "item") else value
+    if isinstance(value, str):  # a label beside the numbers, e.g. the metric's implementation and version
+        return value
     return value if isinstance(value, int) else float(value)
 
 
@@ -38,16 +40,17 @@ class MetricWriter:
             if SummaryWriter is not None:
                 self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
 
-    def write(self, step: int, metrics: dict[str, Any], *, echo: bool = True) -> dict[str, float | int]:
-        """Record ``metrics`` at ``step``; returns them as Python scalars."""
+    def write(self, step: int, metrics: dict[str, Any], *, echo: bool = True) -> dict[str, float | int | str]:
+        """Record ``metrics`` at ``step``; returns them as Python scalars (strings pass through, not to TensorBoard)."""
         values = {k: _scalar(v) for k, v in metrics.items()}
         if self._jsonl is not None:
             record = {"step": int(step), "time": round(time.time(), 3)}
-            record.update({k: (v if math.isfinite(v) else str(v)) for k, v in values.items()})
+            record.update({k: (v if isinstance(v, str) or math.isfinite(v) else str(v)) for k, v in values.items()})
             self._jsonl.write(json.dumps(record) + "\n")
         if self._tb is not None:
             for k, v in values.items():
-                self._tb.add_scalar(k, v, int(step))
+                if not isinstance(v, str):
+                    self._tb.add_scalar(k, v, int(step))
         if echo and self._write:
             text = " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
             print(f"step {step}: {text}", file=self._stream, flush=True)
@@ -63,7 +66,9 @@ class MetricWriter:
             self._tb = None
 
 
-def _fmt(v: float | int) -> str:
+def _fmt(v: float | int | str) -> str:
+    if isinstance(v, str):
+        return repr(v)
     if isinstance(v, int):
         return str(v)
     if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):

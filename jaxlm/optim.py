@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import optax
 
+from jaxlm import param_paths
 from jaxlm.config_lib import OptimConfig
 
-# Parameter names that are never decayed unless config.optim.decay_norms_and_biases is set:
-# biases, norm scales/biases, and embeddings of positions are left alone (as in GPT-2/BERT).
+# Weight decay applies to every parameter of two or more dimensions: the dense kernels and the
+# token, position and token-type embedding tables alike (as nanoGPT and GPT-2 do). Biases and
+# norm scales (leaves named below, or any 1-D leaf) are not decayed unless
+# config.optim.decay_norms_and_biases is set.
 NO_DECAY_NAMES = ("bias", "scale")
 
 
@@ -34,15 +36,17 @@ def learning_rate_schedule(cfg: OptimConfig, num_steps: int) -> optax.Schedule:
 
 
 def weight_decay_mask(params: Any, decay_norms_and_biases: bool = False) -> Any:
-    """True for the parameters weight decay applies to (matrices; not biases or norms)."""
+    """True for the parameters weight decay applies to: every leaf of >= 2 dims (kernels and embedding tables).
 
-    def decide(path: tuple, leaf: Any) -> bool:
+    Biases and norm scales are left out unless ``decay_norms_and_biases``.
+    """
+
+    def decide(path: str, leaf: Any) -> bool:
         if decay_norms_and_biases:
             return True
-        name = str(getattr(path[-1], "key", path[-1]))
-        return name not in NO_DECAY_NAMES and getattr(leaf, "ndim", 0) >= 2
+        return path.rsplit("/", 1)[-1] not in NO_DECAY_NAMES and getattr(leaf, "ndim", 0) >= 2
 
-    return jax.tree_util.tree_map_with_path(decide, params)
+    return param_paths.map_with_path(decide, params)
 
 
 def make_optimizer(cfg: OptimConfig, num_steps: int) -> optax.GradientTransformation:

@@ -27,11 +27,18 @@ class _ReadKeyed(grain.transforms.MapWithIndex):
 
 
 def keyed_records(
-    source: TextSource, *, seed: int, shuffle: bool, shard_index: int = 0, shard_count: int = 1
+    source: TextSource,
+    *,
+    seed: int,
+    shuffle: bool,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    num_epochs: int | None = None,
 ) -> tuple[grain.MapDataset, list[int]]:
-    """Records of this host's shard, shuffled per epoch and repeated forever, each keyed by epoch and index.
+    """Records of this host's shard, shuffled per epoch and repeated, each keyed by epoch and index.
 
-    Returns the dataset and the source indices of the shard.
+    ``num_epochs=None`` repeats forever (training); evaluation passes 1 for one pass over the
+    split. Returns the dataset and the source indices of the shard.
     """
     if len(source) == 0:
         raise DataError("the data source has no documents; check config.data.files")
@@ -44,7 +51,7 @@ def keyed_records(
     ds = ds.seed(seed)
     if shuffle:
         ds = ds.shuffle()
-    return ds.repeat(None).map_with_index(_ReadKeyed(source, len(indices))), indices
+    return ds.repeat(num_epochs).map_with_index(_ReadKeyed(source, len(indices))), indices
 
 
 def to_iter(ds: grain.MapDataset, prefetch: int) -> grain.IterDataset:
@@ -64,8 +71,13 @@ def _parse_flags_in_worker(worker_index: int, worker_count: int) -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def finish(it: grain.IterDataset, *, batch_size: int, prefetch: int, num_workers: int) -> grain.IterDataset:
-    """Batch rows (dropping a partial batch) and prefetch: in ``num_workers`` processes, else a thread.
+def finish(
+    it: grain.IterDataset, *, batch_size: int, prefetch: int, num_workers: int, drop_remainder: bool = True
+) -> grain.IterDataset:
+    """Batch rows (a partial last batch dropped unless told) and prefetch: in ``num_workers`` processes, else a thread.
+
+    A finite pass (evaluation) keeps its last, partial batch (``drop_remainder=False``); the
+    evaluator pads it and weights the padding out.
 
     Worker processes re-import the calling program's main module: it needs an
     ``if __name__ == '__main__':`` guard. Grain reads absl flags in the parent and the
@@ -73,7 +85,7 @@ def finish(it: grain.IterDataset, *, batch_size: int, prefetch: int, num_workers
     """
     if batch_size < 1:
         raise DataError(f"batch_size={batch_size} must be at least 1 per host")
-    it = it.batch(batch_size, drop_remainder=True)
+    it = it.batch(batch_size, drop_remainder=drop_remainder)
     if num_workers > 0:
         _parse_flags_in_worker(-1, num_workers)
         options = grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=max(prefetch, 1))

@@ -89,6 +89,11 @@ class Seq2SeqRow(grain.transforms.Map):
     ``inputs = encode(prefix + source)`` cut to ``inputs_length - 1`` tokens, then ``eos``;
     ``targets = encode(target)`` cut to ``targets_length - 1`` tokens, then ``eos``; both padded.
     The model shifts ``targets`` right (prepending its start id) to form the decoder inputs.
+
+    ``decoder_only=True`` lays the pair out for a decoder-only model instead: one row
+    ``source eos target eos`` of ``inputs_length + 1`` tokens (the source cut to leave room for
+    the target), shifted into ``{inputs, targets, weights}`` [inputs_length] like causal LM, with
+    weight only on the target's tokens, so the loss is on the target part alone.
     """
 
     def __init__(
@@ -100,14 +105,23 @@ class Seq2SeqRow(grain.transforms.Map):
         source_field: str = "source",
         target_field: str = "target",
         prefix: str = "",
+        decoder_only: bool = False,
     ) -> None:
         if inputs_length < 2 or targets_length < 2:
             raise DataError(f"seq_len={inputs_length} and targets_len={targets_length} must both be at least 2")
+        if decoder_only and targets_length >= inputs_length:
+            raise DataError(
+                f"targets_len={targets_length} must be below seq_len={inputs_length} for a decoder-only model, "
+                "which reads source and target in one row; set config.task.targets_len"
+            )
         self.tokenizer, self.inputs_length, self.targets_length = tokenizer, inputs_length, targets_length
         self.source_field, self.target_field, self.prefix = source_field, target_field, prefix
+        self.decoder_only = decoder_only
 
     def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
         record, tok = element["record"], self.tokenizer
+        if self.decoder_only:
+            return self._decoder_row(record)
         src = np.append(
             tok.encode(self.prefix + text_of(record, self.source_field))[: self.inputs_length - 1], tok.eos_id
         )
@@ -119,6 +133,20 @@ class Seq2SeqRow(grain.transforms.Map):
             "weights": pad_to(np.ones(len(tgt)), self.targets_length, 0, np.float32),
         }
 
+    def _decoder_row(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        tok = self.tokenizer
+        tgt = np.append(tok.encode(text_of(record, self.target_field))[: self.targets_length - 1], tok.eos_id)
+        room = self.inputs_length + 1 - len(tgt) - 1
+        src = np.append(tok.encode(self.prefix + text_of(record, self.source_field))[:room], tok.eos_id)
+        row = np.concatenate([src, tgt]).astype(np.int32)
+        weights = np.concatenate([np.zeros(len(src) - 1), np.ones(len(tgt))])
+        n = self.inputs_length
+        return {
+            "inputs": pad_to(row[:-1], n, tok.pad_id),
+            "targets": pad_to(row[1:], n, tok.pad_id),
+            "weights": pad_to(weights, n, 0, np.float32),
+        }
+
 
 class ClassificationRow(_EncoderTask):
     """Text (and optional paired text) with a label -> ``{inputs, segment_ids, token_types, label}``."""
@@ -128,13 +156,14 @@ class ClassificationRow(_EncoderTask):
         tokenizer: Tokenizer,
         *,
         seq_len: int,
-        labels: Sequence[Any],
+        labels: Sequence[Any] | None,
         text_field: str = "text",
         pair_field: str | None = None,
         label_field: str = "label",
     ) -> None:
         super().__init__(tokenizer, seq_len)
-        self.label_set = LabelSet(labels, label_field)
+        # labels=None: a regression target, the record's number as float32.
+        self.label_set = None if labels is None else LabelSet(labels, label_field)
         self.text_field, self.pair_field, self.label_field = text_field, pair_field, label_field
 
     def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -144,7 +173,16 @@ class ClassificationRow(_EncoderTask):
         a = self.tokenizer.encode(text_of(record, self.text_field))
         b = self.tokenizer.encode(text_of(record, self.pair_field)) if self.pair_field else None
         row = encoder_row(a, b, cls=self.cls, sep=self.sep, pad=self.pad, seq_len=self.seq_len)
-        row["label"] = np.int32(self.label_set(record[self.label_field]))
+        if self.label_set is None:
+            try:
+                row["label"] = np.float32(_plain(record[self.label_field]))
+            except (TypeError, ValueError):
+                raise DataError(
+                    f"{self.label_field}={record[self.label_field]!r} is not a number; a regression task "
+                    "(config.task.num_labels=1) needs numeric labels"
+                ) from None
+        else:
+            row["label"] = np.int32(self.label_set(record[self.label_field]))
         return row
 
 

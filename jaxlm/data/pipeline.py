@@ -18,16 +18,17 @@ All builders share the arguments of :func:`lm_dataset` and dispatch by name thro
 :data:`OBJECTIVES`; objective options are keyword arguments. Batch keys, with B the batch
 size and T ``seq_len`` (int32 unless noted; ``weights`` float32):
 
-==================  ============================================================================
-causal_lm           inputs, targets, weights [B,T]; packed adds segment_ids, positions [B,T]
-masked_lm           inputs, targets, weights, segment_ids, token_types [B,T]
-nsp                 masked_lm keys + nsp_label [B] (0 = B follows A, 1 = random, as Hugging Face)
-span_corruption     inputs, inputs_segment_ids [B,T]; targets, weights [B,U], U from T (T5 helper)
-seq2seq             inputs, inputs_segment_ids [B,T]; targets, weights [B,targets_len]
-classification      inputs, segment_ids, token_types [B,T]; label [B]
-tagging             inputs, segment_ids, targets (-100 = ignore), weights, word_ids [B,T]
-qa                  inputs, segment_ids, token_types [B,T]; start_position, end_position [B]
-==================  ============================================================================
+====================  ==========================================================================
+causal_lm             inputs, targets, weights [B,T]; packed adds segment_ids, positions [B,T]
+masked_lm             inputs, targets, weights, segment_ids, token_types [B,T]
+nsp                   masked_lm keys + nsp_label [B] (0 = B follows A, 1 = random, as Hugging Face)
+span_corruption       inputs, inputs_segment_ids [B,T]; targets, weights [B,U], U from T (T5 helper)
+seq2seq               inputs, inputs_segment_ids [B,T]; targets, weights [B,targets_len]
+                      (decoder_only: inputs, targets, weights [B,T], weight on the target part)
+classification        inputs, segment_ids, token_types [B,T]; label [B]
+token_classification  inputs, segment_ids, targets (-100 = ignore), weights, word_ids [B,T]
+qa                    inputs, segment_ids, token_types [B,T]; start_position, end_position [B]
+====================  ==========================================================================
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def lm_dataset(
     shard_count: int = 1,
     prefetch: int = 2,
     num_workers: int = 0,
+    num_epochs: int | None = None,
     packing: str = "concat",
     long_documents: str = "split",
     num_packing_bins: int = 0,
@@ -114,7 +116,9 @@ def lm_dataset(
       text_field: the record field holding the text.
     """
     packing_lib.check_choice(packing, packing_lib.PACKINGS, "packing")
-    ds, _ = keyed_records(source, seed=seed, shuffle=shuffle, shard_index=shard_index, shard_count=shard_count)
+    ds, _ = keyed_records(
+        source, seed=seed, shuffle=shuffle, shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs
+    )
     it = to_iter(ds.map(_Tokenize(tokenizer, text_field, add_bos)), prefetch)
     pad_id = tokenizer.pad_id
     if packing == "concat":
@@ -130,7 +134,9 @@ def lm_dataset(
             seed=seed,
             padding={"inputs": pad_id, "targets": pad_id, "weights": 0.0},
         )
-    return finish(it, batch_size=batch_size, prefetch=prefetch, num_workers=num_workers)
+    return finish(
+        it, batch_size=batch_size, prefetch=prefetch, num_workers=num_workers, drop_remainder=num_epochs is None
+    )
 
 
 def masked_lm_dataset(
@@ -145,6 +151,7 @@ def masked_lm_dataset(
     shard_count: int = 1,
     prefetch: int = 2,
     num_workers: int = 0,
+    num_epochs: int | None = None,
     mask_rate: float = 0.15,
     whole_word: bool = False,
     long_documents: str = "split",
@@ -158,11 +165,15 @@ def masked_lm_dataset(
     ``whole_word``), of which 80% become ``mask``, 10% a random token and 10% stay.
     """
     table = objectives.TokenTable(tokenizer, words=whole_word)
-    ds, _ = keyed_records(source, seed=seed, shuffle=shuffle, shard_index=shard_index, shard_count=shard_count)
+    ds, _ = keyed_records(
+        source, seed=seed, shuffle=shuffle, shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs
+    )
     pieces = objectives.DocumentPieces(tokenizer, seq_len=seq_len, field=text_field, long_documents=long_documents)
     it = grain.experimental.FlatMapIterDataset(to_iter(ds, prefetch), pieces)
     it = it.map(_mlm_row(tokenizer, table, seq_len, seed, mask_rate, whole_word))
-    return finish(it, batch_size=batch_size, prefetch=prefetch, num_workers=num_workers)
+    return finish(
+        it, batch_size=batch_size, prefetch=prefetch, num_workers=num_workers, drop_remainder=num_epochs is None
+    )
 
 
 def _mlm_row(
@@ -191,6 +202,7 @@ def nsp_dataset(
     shard_count: int = 1,
     prefetch: int = 2,
     num_workers: int = 0,
+    num_epochs: int | None = None,
     random_rate: float = 0.5,
     mask_rate: float = 0.15,
     whole_word: bool = False,
@@ -203,13 +215,17 @@ def nsp_dataset(
     random sentence of another document of this shard. ``mask_rate=0`` turns masking off.
     """
     table = objectives.TokenTable(tokenizer, words=whole_word)
-    ds, indices = keyed_records(source, seed=seed, shuffle=shuffle, shard_index=shard_index, shard_count=shard_count)
+    ds, indices = keyed_records(
+        source, seed=seed, shuffle=shuffle, shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs
+    )
     pairs = objectives.NextSentencePairs(
         source, indices, tokenizer, seq_len=seq_len, seed=seed, field=text_field, random_rate=random_rate
     )
     it = grain.experimental.FlatMapIterDataset(to_iter(ds, prefetch), pairs)
     it = it.map(_mlm_row(tokenizer, table, seq_len, seed, mask_rate, whole_word))
-    return finish(it, batch_size=batch_size, prefetch=prefetch, num_workers=num_workers)
+    return finish(
+        it, batch_size=batch_size, prefetch=prefetch, num_workers=num_workers, drop_remainder=num_epochs is None
+    )
 
 
 def span_corruption_dataset(
@@ -224,6 +240,7 @@ def span_corruption_dataset(
     shard_count: int = 1,
     prefetch: int = 2,
     num_workers: int = 0,
+    num_epochs: int | None = None,
     noise_density: float = 0.15,
     mean_noise_span_length: float = 3.0,
     sentinel_start: int | None = None,
@@ -250,7 +267,9 @@ def span_corruption_dataset(
     spans = max(int(round(round(raw_len * noise_density) / mean_noise_span_length)), 1)
     if spans > num_sentinels:
         raise DataError(f"seq_len={seq_len} gives {spans} noise spans per row; raise num_sentinels to at least that")
-    ds, _ = keyed_records(source, seed=seed, shuffle=shuffle, shard_index=shard_index, shard_count=shard_count)
+    ds, _ = keyed_records(
+        source, seed=seed, shuffle=shuffle, shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs
+    )
     it = to_iter(ds.map(_Tokenize(tokenizer, text_field)), prefetch)
     it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": raw_len})
     row = objectives_t5.SpanCorruptionRow(
@@ -264,7 +283,9 @@ def span_corruption_dataset(
         mean_span=mean_noise_span_length,
     )
     it = it.map_with_index(row)
-    return finish(it, batch_size=batch_size, prefetch=prefetch, num_workers=num_workers)
+    return finish(
+        it, batch_size=batch_size, prefetch=prefetch, num_workers=num_workers, drop_remainder=num_epochs is None
+    )
 
 
 # Objective name (config.data.objective) -> builder. All take (source, tokenizer, *, seq_len,
@@ -291,7 +312,7 @@ OBJECTIVES: dict[str, Callable[..., grain.IterDataset]] = {
     "span_corruption": span_corruption_dataset,
     "seq2seq": seq2seq_dataset,
     "classification": classification_dataset,
-    "tagging": tagging_dataset,
+    "token_classification": tagging_dataset,
     "qa": qa_dataset,
 }
 

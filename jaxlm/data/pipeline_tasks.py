@@ -29,14 +29,23 @@ def _record_task(
     shard_count: int,
     prefetch: int,
     num_workers: int,
+    num_epochs: int | None = None,
     keep: Callable[[Any], bool] | None = None,
 ) -> grain.IterDataset:
     """One row per record through ``transform`` (optionally filtered by ``keep``), batched."""
-    ds, _ = keyed_records(source, seed=seed, shuffle=shuffle, shard_index=shard_index, shard_count=shard_count)
+    ds, _ = keyed_records(
+        source, seed=seed, shuffle=shuffle, shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs
+    )
     ds = ds.map(transform)
     if keep is not None:
         ds = ds.filter(keep)
-    return finish(to_iter(ds, prefetch), batch_size=batch_size, prefetch=prefetch, num_workers=num_workers)
+    return finish(
+        to_iter(ds, prefetch),
+        batch_size=batch_size,
+        prefetch=prefetch,
+        num_workers=num_workers,
+        drop_remainder=num_epochs is None,
+    )
 
 
 def seq2seq_dataset(
@@ -51,16 +60,19 @@ def seq2seq_dataset(
     shard_count: int = 1,
     prefetch: int = 2,
     num_workers: int = 0,
+    num_epochs: int | None = None,
     targets_len: int = 0,
     source_field: str = "source",
     target_field: str = "target",
     prefix: str = "",
+    decoder_only: bool = False,
 ) -> grain.IterDataset:
     """Translation / summarization batches from ``{source_field, target_field}`` records.
 
     ``inputs`` (``prefix + source``, ``eos``) are cut and padded to ``seq_len``, ``targets``
     (``target``, ``eos``) to ``targets_len`` (0: ``seq_len``); the model shifts the targets
-    right to make its decoder inputs.
+    right to make its decoder inputs. ``decoder_only`` makes causal-LM rows of ``source eos
+    target eos`` weighted on the target instead (see :class:`~jaxlm.data.objectives_tasks.Seq2SeqRow`).
     """
     row = objectives_tasks.Seq2SeqRow(
         tokenizer,
@@ -69,6 +81,7 @@ def seq2seq_dataset(
         source_field=source_field,
         target_field=target_field,
         prefix=prefix,
+        decoder_only=decoder_only,
     )
     return _record_task(
         row,
@@ -80,6 +93,7 @@ def seq2seq_dataset(
         shard_count=shard_count,
         prefetch=prefetch,
         num_workers=num_workers,
+        num_epochs=num_epochs,
     )
 
 
@@ -95,7 +109,8 @@ def classification_dataset(
     shard_count: int = 1,
     prefetch: int = 2,
     num_workers: int = 0,
-    labels: Sequence[Any] = (0, 1),
+    num_epochs: int | None = None,
+    labels: Sequence[Any] | None = (0, 1),
     text_field: str = "text",
     pair_field: str | None = None,
     label_field: str = "label",
@@ -103,7 +118,8 @@ def classification_dataset(
     """Sequence-classification batches: ``[cls] text [sep] (pair [sep])`` and ``label``.
 
     ``label`` is the position of the record's ``label_field`` value in ``labels``; a value
-    outside ``labels`` is a :class:`DataError` naming it and the set.
+    outside ``labels`` is a :class:`DataError` naming it and the set. ``labels=None`` reads a
+    numeric regression target (float32) instead.
     """
     row = objectives_tasks.ClassificationRow(
         tokenizer, seq_len=seq_len, labels=labels, text_field=text_field, pair_field=pair_field, label_field=label_field
@@ -118,6 +134,7 @@ def classification_dataset(
         shard_count=shard_count,
         prefetch=prefetch,
         num_workers=num_workers,
+        num_epochs=num_epochs,
     )
 
 
@@ -134,6 +151,7 @@ def tagging_dataset(
     shard_count: int = 1,
     prefetch: int = 2,
     num_workers: int = 0,
+    num_epochs: int | None = None,
     words_field: str = "tokens",
     tags_field: str = "tags",
 ) -> grain.IterDataset:
@@ -155,6 +173,7 @@ def tagging_dataset(
         shard_count=shard_count,
         prefetch=prefetch,
         num_workers=num_workers,
+        num_epochs=num_epochs,
     )
 
 
@@ -170,6 +189,7 @@ def qa_dataset(
     shard_count: int = 1,
     prefetch: int = 2,
     num_workers: int = 0,
+    num_epochs: int | None = None,
     question_field: str = "question",
     context_field: str = "context",
     answers_field: str = "answers",

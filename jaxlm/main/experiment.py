@@ -16,7 +16,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
@@ -25,6 +24,8 @@ from jaxlm.common_types import ConfigError
 from jaxlm.config_lib import Config, ModelConfig
 from jaxlm.data import objectives_t5, pipeline
 from jaxlm.data.tokenizers import Tokenizer
+from jaxlm.models import heads
+from jaxlm.nn import matmul
 from jaxlm.steps import lm, objectives
 from jaxlm.train_state import TrainState
 
@@ -72,14 +73,17 @@ def model_vocab_size(config: Config, tokenizer_vocab: int, tokenizer: Tokenizer 
     return tokenizer_vocab + n
 
 
-def example_args(cfg: ModelConfig, seq_len: int) -> tuple[jax.Array, ...]:
-    """Positional inputs that initialize a model of this kind (shapes only matter)."""
-    tokens = jnp.zeros((1, min(seq_len, cfg.max_len)), jnp.int32)
-    return (tokens, tokens) if cfg.kind == "encoder_decoder" else (tokens,)
+def example_args(cfg: ModelConfig, seq_len: int, objective: str = "causal_lm") -> tuple[jax.Array, ...]:
+    """Positional inputs that initialize a model for ``objective`` (shapes only matter)."""
+    return objectives.get(objective).example_args(cfg, seq_len)
 
 
-def build(config: Config, vocab_size: int, *, num_steps: int | None = None) -> Experiment:
-    """Mesh, model, optimizer and the abstract sharded state for ``config``."""
+def build(config: Config, vocab_size: int, *, num_steps: int | None = None, num_labels: int = 0) -> Experiment:
+    """Mesh, model (with the task head the config asks for), optimizer and the abstract sharded state.
+
+    ``num_labels`` sizes a classification or tagging head when the config does not (the
+    dataset's label count, see :mod:`jaxlm.main.task_data`).
+    """
     model_cfg = models.resolve(config.model, vocab_size)
     if model_cfg.vocab_size < vocab_size:
         raise ConfigError(
@@ -89,13 +93,16 @@ def build(config: Config, vocab_size: int, *, num_steps: int | None = None) -> E
     if config.model.dtype == "float16" and jax.default_backend() == "cpu":
         # XLA:CPU has no float16 x float16 -> float32 matmul; it would fail at compile time.
         raise ConfigError("config.model.dtype=float16 does not run on the CPU backend; use bfloat16 or float32")
+    # The matmuls' operand dtype (model.matmul_dtype) holds for everything traced from here on.
+    matmul.set_operand_setting(config.model.matmul_dtype)
     mesh = sharding.make_mesh(config.mesh)
     rules = config.sharding.as_tuples()
-    model = models.build(model_cfg)
+    model = models.build(model_cfg, head=heads.from_config(config, num_labels or None))
     tx = optim.make_optimizer(config.optim, num_steps or config.train.num_steps)
 
     def init_boxed(rng: jax.Array) -> Any:
-        return model.init({"params": rng}, *example_args(model_cfg, config.data.seq_len))["params"]
+        args = example_args(model_cfg, config.data.seq_len, config.data.objective)
+        return model.init({"params": rng}, *args)["params"]
 
     boxed = jax.eval_shape(init_boxed, jax.random.key(0))
     param_specs = sharding.logical_specs(boxed)
@@ -162,7 +169,7 @@ def init_state(exp: Experiment, seed: int) -> TrainState:
     """Initialize the state directly into its shardings (never whole on one device)."""
 
     def init(rng: jax.Array) -> TrainState:
-        args = example_args(exp.model_cfg, exp.config.data.seq_len)
+        args = example_args(exp.model_cfg, exp.config.data.seq_len, exp.config.data.objective)
         params = nn.unbox(exp.model.init({"params": rng}, *args)["params"])
         return TrainState.create(params, exp.tx)
 
@@ -177,8 +184,8 @@ def train_step_fn(exp: Experiment) -> Callable[..., tuple[TrainState, dict[str, 
         model=exp.model,
         tx=exp.tx,
         grad_accum_steps=exp.config.optim.grad_accum_steps,
-        objective=objectives.LOSSES[exp.model_cfg.kind],
-        cond_update=hardware.cpu_auto(exp.config.train.cond_update),
+        objective=objectives.get(exp.config.data.objective).loss,
+        cond_update=hardware.cpu_auto(exp.config.train.cond_update, "cond_update"),
     )
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from jaxlm import checkpoint
+from jaxlm import checkpoint, config_lib
 from jaxlm.common_types import CheckpointError
 from jaxlm.config_lib import Config
 from jaxlm.data import tokenizers
-from jaxlm.main import experiment
+from jaxlm.main import experiment, task_data
 from jaxlm.main import workdir as workdir_lib
 
 
@@ -20,7 +20,10 @@ def open_trained(config: Config, workdir: str) -> tuple[experiment.Experiment, A
     workdir = workdir_lib.check_path(workdir, must_exist=True)
     workdir_lib.check_compatible(workdir, config)
     tokenizer = tokenizers.load(workdir)
-    exp = experiment.build(config, experiment.model_vocab_size(config, tokenizer.vocab_size, tokenizer))
+    num_labels = task_data.resolve(config).num_labels if config_lib.task_head(config) != "none" else 0
+    exp = experiment.build(
+        config, experiment.model_vocab_size(config, tokenizer.vocab_size, tokenizer), num_labels=num_labels
+    )
     manager = checkpoint.make_manager(workdir, config.checkpoint, read_only=True)
     step = manager.latest_step()
     if step is None:

@@ -1,4 +1,4 @@
-"""Train and eval steps for every model family; the loss comes from ``steps.objectives``."""
+"""Train and eval steps for every objective; the loss and eval functions come from ``steps.objectives``."""
 
 from __future__ import annotations
 
@@ -110,8 +110,12 @@ def train_step(
 
 
 def eval_step(
-    params: Any, batch: Batch, *, model: nn.Module, objective: objectives.LossFn = objectives.causal_lm
-) -> dict[str, jax.Array]:
-    """Summed loss and weight of a batch (average over many batches, then exponentiate)."""
-    loss_sum, weight_sum = loss_fn(params, batch, None, model=model, deterministic=True, objective=objective)
-    return {"loss_sum": loss_sum, "weight_sum": weight_sum}
+    params: Any, batch: Batch, *, model: nn.Module, evaluate: objectives.EvalFn, **options: Any
+) -> tuple[dict[str, tuple[jax.Array, jax.Array]], dict[str, jax.Array]]:
+    """The objective's evaluation of one batch: named ``(sum, count)`` pairs and per-row outputs.
+
+    ``evaluate`` is ``objectives.OBJECTIVES[name].evaluate``; ``options`` are its keyword options
+    (e.g. ``num_tokens`` for seq2seq generation). Pairs are summed over batches and divided once
+    (:func:`jaxlm.evaluation.reduce`); outputs go to the host-side metrics.
+    """
+    return evaluate(model, params, batch, **options)

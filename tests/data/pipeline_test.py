@@ -86,7 +86,7 @@ OPTIONS = {
     "span_corruption": {},
     "seq2seq": {"targets_len": 24},
     "classification": {"labels": (0, 1, 2)},
-    "tagging": {"labels": ("O", "B-X", "I-X")},
+    "token_classification": {"labels": ("O", "B-X", "I-X")},
     "qa": {},
 }
 
