@@ -23,11 +23,14 @@ scikit-learn and rouge-score pulls in nltk, ~2-4 s), not when this module is imp
 from __future__ import annotations
 
 import collections
+import dataclasses
 import importlib.metadata
+import math
 import re
 import string
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -205,3 +208,127 @@ def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, flo
         for key in _ROUGE_TYPES:
             totals[key] += scores[key].fmeasure
     return {key: total / len(hypotheses) for key, total in totals.items()}
+
+
+# ----------------------------------------------------------------------------- the objective registry
+
+
+def reduce(pairs: Sequence[dict[str, tuple[Any, Any]]]) -> dict[str, float]:
+    """Average named ``(sum, count)`` pairs over batches: ``sum of sums / sum of counts`` per name.
+
+    Every eval step returns such pairs, so a split's mean weights each token or example
+    equally however it was batched, padded or sharded. A name whose counts add up to 0 is left out.
+    """
+    sums: dict[str, float] = collections.defaultdict(float)
+    counts: dict[str, float] = collections.defaultdict(float)
+    for batch_pairs in pairs:
+        for name, (s, c) in batch_pairs.items():
+            sums[name] += float(s)
+            counts[name] += float(c)
+    return {name: sums[name] / counts[name] for name in sums if counts[name] > 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What host-side metrics need besides the outputs: the tokenizer and the label names."""
+
+    decode: Callable[[Sequence[int]], str]  # token ids -> text
+    eos_id: int
+    labels: tuple[str, ...] = ()
+
+
+Outputs = dict[str, np.ndarray]  # per-row arrays of a whole split, concatenated over batches
+MetricFn = Callable[[Outputs, Context], dict[str, Any]]
+
+
+def _perplexity(means: dict[str, float]) -> dict[str, float]:
+    return {"perplexity": math.exp(min(means["loss"], 50.0))} if "loss" in means else {}
+
+
+def _no_outputs(outputs: Outputs, ctx: Context) -> dict[str, Any]:
+    return {}
+
+
+def _valid(outputs: Outputs) -> np.ndarray:
+    return outputs["valid"] > 0 if "valid" in outputs else np.ones(len(next(iter(outputs.values()))), bool)
+
+
+def _classification(outputs: Outputs, ctx: Context) -> dict[str, Any]:
+    keep = _valid(outputs)
+    pred, gold = outputs["pred"][keep], outputs["gold"][keep]
+    if np.issubdtype(pred.dtype, np.floating):  # a one-output regression head
+        return regression_metrics(pred, gold) | {"metric_impl": IMPLEMENTATIONS["regression"]}
+    return classification_metrics(pred, gold, max(len(ctx.labels), 2)) | {
+        "metric_impl": IMPLEMENTATIONS["classification"]
+    }
+
+
+def _tag_names(ids: np.ndarray, labels: tuple[str, ...]) -> list[str]:
+    return [labels[i] if 0 <= i < len(labels) else "O" for i in ids]
+
+
+def _token_classification(outputs: Outputs, ctx: Context) -> dict[str, Any]:
+    pred_tags, gold_tags = [], []
+    for pred, gold in zip(outputs["pred"], outputs["gold"]):
+        words = gold != -100  # the first sub-token of every word carries its tag
+        if words.any():
+            pred_tags.append(_tag_names(pred[words], ctx.labels))
+            gold_tags.append(_tag_names(gold[words], ctx.labels))
+    return tagging_metrics(pred_tags, gold_tags) | {"metric_impl": IMPLEMENTATIONS["tagging"]}
+
+
+def _span_text(ids: np.ndarray, start: int, end: int, ctx: Context) -> str:
+    return "" if start == 0 and end == 0 else ctx.decode([int(t) for t in ids[start : end + 1]])
+
+
+def _qa(outputs: Outputs, ctx: Context) -> dict[str, Any]:
+    keep = _valid(outputs)
+    predictions, gold = [], []
+    for i in np.flatnonzero(keep):
+        ids = outputs["inputs"][i]
+        predictions.append(_span_text(ids, int(outputs["pred_start"][i]), int(outputs["pred_end"][i]), ctx))
+        gold.append([_span_text(ids, int(outputs["gold_start"][i]), int(outputs["gold_end"][i]), ctx)])
+    return squad_metrics(predictions, gold) | {"metric_impl": IMPLEMENTATIONS["squad"]}
+
+
+def _until_eos(ids: np.ndarray, eos_id: int) -> list[int]:
+    out = []
+    for t in ids:
+        if t == eos_id:
+            break
+        if t != 0:
+            out.append(int(t))
+    return out
+
+
+def _seq2seq(outputs: Outputs, ctx: Context) -> dict[str, Any]:
+    if "generated" not in outputs:
+        return {}
+    keep = _valid(outputs)
+    hyps = [ctx.decode(_until_eos(row, ctx.eos_id)) for row in outputs["generated"][keep]]
+    refs = [ctx.decode(_until_eos(row, ctx.eos_id)) for row in outputs["gold"][keep]]
+    impl = f"{IMPLEMENTATIONS['bleu']}; {IMPLEMENTATIONS['rouge']}"
+    return bleu(hyps, refs) | rouge(hyps, refs) | {"metric_impl": impl}
+
+
+# config.data.objective -> its host-side metrics (the step layer's pairs are reduced for every one).
+METRICS: dict[str, MetricFn] = {
+    "causal_lm": _no_outputs,
+    "masked_lm": _no_outputs,
+    "nsp": _no_outputs,
+    "span_corruption": _no_outputs,
+    "seq2seq": _seq2seq,
+    "classification": _classification,
+    "token_classification": _token_classification,
+    "qa": _qa,
+}
+
+
+def summarize(objective: str, pairs: Sequence[dict[str, tuple[Any, Any]]], outputs: Outputs, ctx: Context) -> dict:
+    """Every metric of ``objective`` for one split: reduced pairs, perplexity of a token loss, host metrics."""
+    means = reduce(pairs)
+    lm_loss = objective in ("causal_lm", "masked_lm", "nsp", "span_corruption", "seq2seq")
+    out: dict[str, Any] = dict(means) | (_perplexity(means) if lm_loss else {})
+    if outputs:
+        out |= METRICS[objective](outputs, ctx)
+    return out
