@@ -61,7 +61,21 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass (1: off)")
     gen.add_argument("--seed", type=int, default=None, help="sampling seed")
     gen.add_argument("--max_new_tokens", type=int, default=None, help="tokens to generate")
-    gen.add_argument("--num_samples", type=int, default=None, help="samples to draw")
+    gen.add_argument("--num_samples", type=int, default=None, help="samples to draw (beam search: best beams to print)")
+    gen.add_argument("--beam_size", type=int, default=None, help="> 1: beam search with this many beams")
+    gen.add_argument(
+        "--length_penalty", type=float, default=None, help="beam search: divide log p by length ** this (default 1)"
+    )
+    gen.add_argument(
+        "--early_stopping",
+        choices=("true", "false"),
+        default=None,
+        help="beam search: stop once beam_size beams finished (true) or when none can improve (false)",
+    )
+    plot = sub.add_parser("plot", help="draw loss, eval loss and logged metrics against step for one or more workdirs")
+    plot.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="run directories (one line each)")
+    plot.add_argument("--out", required=True, help="image file to write, e.g. curves.png (.pdf and .svg work too)")
+    plot.add_argument("--metrics", default="", help="comma-separated metrics to draw (default: all logged)")
     info = sub.add_parser("info", help="parameter counts, FLOPs per token and logical axes of a config")
     info.add_argument("--config", required=True, help="config file and argument, e.g. configs/gpt.py:size=small")
     info.set_defaults(workdir=None)
@@ -125,7 +139,17 @@ def run(argv: Sequence[str]) -> int:
 
         evaluate.run(config, args.workdir)
     elif args.command == "generate":
-        for flag in ("temperature", "top_k", "top_p", "seed", "max_new_tokens", "num_samples"):
+        for flag in (
+            "temperature",
+            "top_k",
+            "top_p",
+            "seed",
+            "max_new_tokens",
+            "num_samples",
+            "beam_size",
+            "length_penalty",
+            "early_stopping",
+        ):
             value = getattr(args, flag)
             if value is not None:
                 overrides[f"decode.{flag}"] = str(value)
@@ -135,6 +159,13 @@ def run(argv: Sequence[str]) -> int:
         for text in generate.run(config, args.workdir, args.prompt):
             print(text)
             print("-" * 40)
+    elif args.command == "plot":
+        if overrides:
+            raise UserError("jaxlm plot takes no --config.* overrides; it reads each workdir's metrics.jsonl")
+        from jaxlm.main import plot
+
+        names = plot.run(args.workdirs, args.out, metrics=[m for m in args.metrics.split(",") if m])
+        print(f"wrote {args.out}: {', '.join(names)}")
     elif args.command == "convert":
         from jaxlm.main import convert
 

@@ -227,7 +227,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.decode.top_k = 0  # 0 disables
     c.decode.top_p = 1.0  # 1 disables
     c.decode.max_new_tokens = 200
-    c.decode.beam_size = 1
+    c.decode.beam_size = 1  # > 1: beam search (jaxlm.beam_search; sampling settings are then unused)
+    # Beam search ranks finished beams by sum log p / (generated length ** length_penalty), as
+    # transformers does: > 0 favours longer outputs, < 0 shorter ones.
+    c.decode.length_penalty = 1.0
+    # Beam search: true stops once beam_size beams have finished; false once no running beam can
+    # beat the worst finished one at its current length (transformers' flag and heuristic).
+    c.decode.early_stopping = False
     c.decode.num_samples = 1
     c.decode.seed = 0
 
@@ -539,6 +545,8 @@ class DecodeConfig:
     top_p: float
     max_new_tokens: int
     beam_size: int
+    length_penalty: float
+    early_stopping: bool
     num_samples: int
     seed: int
 
@@ -777,7 +785,13 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Config:
     _check(0.0 < dc.top_p <= 1.0, "config.decode.top_p must be in (0, 1]")
     _check(dc.max_new_tokens > 0, "config.decode.max_new_tokens must be > 0")
     _check(dc.beam_size >= 1, "config.decode.beam_size must be >= 1")
+    _check(math.isfinite(dc.length_penalty), "config.decode.length_penalty must be a finite number (0: plain sums)")
     _check(dc.num_samples >= 1, "config.decode.num_samples must be >= 1")
+    _check(
+        dc.beam_size == 1 or dc.num_samples <= dc.beam_size,
+        f"config.decode.num_samples={dc.num_samples} exceeds config.decode.beam_size={dc.beam_size}; "
+        "beam search returns at most beam_size outputs",
+    )
     tk = cfg.task
     _check(tk.num_labels >= 0, f"config.task.num_labels={tk.num_labels} must be >= 0 (0 = from the labels)")
     if tk.num_labels and tk.label_list:
