@@ -10,6 +10,11 @@ Supported architectures (``model_type`` in ``config.json``):
 * ``t5``: ``T5ForConditionalGeneration`` v1.0 and v1.1 <-> ``encoder_decoder``
   (:mod:`jaxlm.interop.hf_t5`).
 
+Task heads: ``BertForSequenceClassification`` / ``TokenClassification`` / ``QuestionAnswering``
+and ``GPT2ForSequenceClassification`` / ``TokenClassification`` / ``QuestionAnswering`` <-> the
+same bodies with a jaxlm task head (:mod:`jaxlm.interop.hf_heads`); :func:`task_from_hf` finds
+the head, and ``params_from_hf`` / ``params_to_hf`` / ``hf_config_from_model`` map it with the body.
+
 BERT and T5 are table-driven: their modules list one :class:`Rule` per tensor, which this
 module applies in both directions. Blocks are either unrolled (``layer_i``) or stacked for
 ``scan_layers`` (``layers/block``).
@@ -33,14 +38,14 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from types import ModuleType
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from jaxlm.common_types import DataError
-from jaxlm.interop import hf_bert, hf_t5
+from jaxlm.interop import hf_bert, hf_heads, hf_t5
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -49,6 +54,7 @@ SAFETENSORS_FILE = "model.safetensors"
 # In the order Hugging Face prefers them when a directory holds several.
 WEIGHT_FILES = (SAFETENSORS_FILE, "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 INSTALL_HINT = "pip install 'jaxlm[hf]'"
+PAD_ID = 0  # GPT-2 pad_token_id when the tokenizer names no pad (jaxlm's own tokenizers pad with 0)
 
 Params = dict[str, Any]  # a nested dict of np.ndarray, the shape of a jaxlm 'params' collection
 StateDict = dict[str, np.ndarray]  # Hugging Face tensor name -> array
@@ -162,15 +168,17 @@ class Architecture:
     ``model_fields(hf_config, source, state)`` gives the ``config.model`` fields (``state``,
     the weights, may be None: some fields, such as whether the head is tied, are read off the
     weights when they are there); ``params_from_hf(state, model, hf_config, source)`` the
-    parameter tree; ``fresh(state, model, hf_config)`` the parameters the checkpoint lacks and
-    the import initializes.
+    parameter tree; ``params_to_hf(params, model, skip)`` the state dict, leaving out the
+    top-level parameter groups in ``skip`` (language-model heads a task model lacks);
+    ``fresh(state, model, hf_config)`` the parameters the checkpoint lacks and the import
+    initializes.
     """
 
     kind: str  # jaxlm config.model.kind
     objective: str  # jaxlm config.data.objective of the imported workdir
     model_fields: Callable[[Mapping[str, Any], str, Mapping[str, np.ndarray] | None], dict[str, Any]]
     params_from_hf: Callable[[Mapping[str, np.ndarray], Mapping[str, Any], Mapping[str, Any], str], Params]
-    params_to_hf: Callable[[Mapping[str, Any], Mapping[str, Any]], StateDict]
+    params_to_hf: Callable[[Mapping[str, Any], Mapping[str, Any], Collection[str]], StateDict]
     hf_config: Callable[[Mapping[str, Any], Mapping[str, int | None]], dict[str, Any]]
     fresh: Callable[[Mapping[str, np.ndarray], Mapping[str, Any], Mapping[str, Any]], list[str]] = (
         lambda state, model, hf_config: []
@@ -206,31 +214,86 @@ def model_fields_from_hf(
     return architecture(hf_config, source).model_fields(hf_config, source, state)
 
 
+def task_from_hf(
+    hf_config: Mapping[str, Any], state: Mapping[str, np.ndarray] | None = None, source: str = CONFIG_FILE
+) -> hf_heads.Task | None:
+    """The task head of a Hugging Face checkpoint (:mod:`jaxlm.interop.hf_heads`); None for a base model."""
+    architecture(hf_config, source)
+    return hf_heads.detect(hf_config, state, source)
+
+
 def params_from_hf(
     hf_config: Mapping[str, Any], state: Mapping[str, np.ndarray], model: Mapping[str, Any], source: str = ""
 ) -> Params:
-    """A jaxlm float32 parameter tree from a Hugging Face state dict, for ``config.model`` fields ``model``."""
-    return architecture(hf_config).params_from_hf(state, model, hf_config, source or "the checkpoint")
+    """A jaxlm float32 parameter tree from a Hugging Face state dict, for ``config.model`` fields ``model``.
+
+    A task-head checkpoint gives the body without language-model heads plus ``head/...``.
+    """
+    arch, source = architecture(hf_config), source or "the checkpoint"
+    task = hf_heads.detect(hf_config, state, source)
+    if task is None:
+        return arch.params_from_hf(state, model, hf_config, source)
+    body, head = hf_heads.split_state(state, task, task.num_labels, model["embed_dim"], source)
+    # A task model has no LM head, so whether it would be tied does not matter: read none.
+    params = arch.params_from_hf(body, {**model, "tie_embeddings": True}, hf_config, source)
+    for group in task.dropped_groups():
+        params.pop(group, None)
+    params["head"] = head
+    return params
 
 
 def fresh_parameters(
     hf_config: Mapping[str, Any], state: Mapping[str, np.ndarray], model: Mapping[str, Any]
 ) -> list[str]:
     """The top-level parameter groups (``pooler``, ``nsp`` ...) the checkpoint lacks and the import initializes."""
-    return architecture(hf_config).fresh(state, model, hf_config)
+    arch = architecture(hf_config)
+    task = hf_heads.detect(hf_config, state, CONFIG_FILE)
+    if task is None:
+        return arch.fresh(state, model, hf_config)
+    body = {k: v for k, v in state.items() if not k.startswith(task.head.layer + ".")}
+    fresh = arch.fresh(body, {**model, "tie_embeddings": True}, hf_config)
+    return [group for group in fresh if group not in task.dropped_groups()]
 
 
-def params_to_hf(params: Mapping[str, Any], model: Mapping[str, Any]) -> StateDict:
-    """A Hugging Face state dict (tied weights left out) from a jaxlm parameter tree."""
-    return export_architecture(model).params_to_hf(params, model)
+def export_task(
+    model: Mapping[str, Any], kind: str, num_labels: int, labels: Sequence[str] = (), pooling: str = "auto"
+) -> hf_heads.Task | None:
+    """The Hugging Face task head a jaxlm head exports as (None for ``kind='none'``); a DataError if none fits."""
+    if kind == "none":
+        return None
+    arch = export_architecture(model)
+    model_type = next(name for name, a in ARCHITECTURES.items() if a is arch)
+    if model_type not in hf_heads.LM_HEADS:
+        raise DataError(f"config.task.head={kind!r} on a {model_type} model has no Hugging Face equivalent")
+    return hf_heads.for_export(model_type, kind, num_labels, labels, pooling)
 
 
-def hf_config_from_model(model: Mapping[str, Any], special_ids: Mapping[str, int | None]) -> dict[str, Any]:
+def params_to_hf(params: Mapping[str, Any], model: Mapping[str, Any], task: hf_heads.Task | None = None) -> StateDict:
+    """A Hugging Face state dict (tied weights left out) from a jaxlm parameter tree (with ``task``: its head)."""
+    arch = export_architecture(model)
+    if task is None:
+        return arch.params_to_hf(params, model, ())
+    body = dict(params)
+    if "head" not in body:
+        raise DataError(f"the checkpoint has no task head to export as {task.head.architecture}")
+    head = body.pop("head")
+    out = arch.params_to_hf(body, {**model, "tie_embeddings": True}, task.dropped_groups())
+    out.update(hf_heads.head_to_hf(head, task))
+    return out
+
+
+def hf_config_from_model(
+    model: Mapping[str, Any], special_ids: Mapping[str, int | None], task: hf_heads.Task | None = None
+) -> dict[str, Any]:
     """A Hugging Face ``config.json`` dict for jaxlm ``config.model`` fields (``vocab_size`` resolved).
 
-    ``special_ids`` gives ``bos`` / ``eos`` / ``pad`` ids for the generation defaults.
+    ``special_ids`` gives ``bos`` / ``eos`` / ``pad`` ids for the generation defaults; ``task``
+    the head's architecture and labels.
     """
-    return export_architecture(model).hf_config(model, special_ids)
+    out = export_architecture(model).hf_config(model, special_ids)
+    if task is not None:
+        out.update(hf_heads.hf_config_fields(task, special_ids, pad_default=PAD_ID))
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -538,9 +601,9 @@ def _table(module: ModuleType, model_type: str) -> Architecture:
             )
         return _unflatten(_stack_flat(flat) if model.get("scan_layers") else flat)
 
-    def params_to_hf(params: Mapping[str, Any], model: Mapping[str, Any]) -> StateDict:
+    def params_to_hf(params: Mapping[str, Any], model: Mapping[str, Any], skip: Collection[str] = ()) -> StateDict:
         flat = _unstack_flat(_flatten(params))
-        table = rules(model)
+        table = [rule for rule in rules(model) if rule.path.split("/")[0] not in skip]
         out: StateDict = {}
         for rule in table:  # a parameter may be written under several keys
             if rule.path not in flat:
@@ -658,7 +721,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         objective="causal_lm",
         model_fields=lambda cfg, source, state: _gpt2_model_fields(cfg, source),
         params_from_hf=lambda state, model, hf_cfg, source: _gpt2_params_from_hf(state, model, source),
-        params_to_hf=_gpt2_params_to_hf,
+        # A task model exports with tie_embeddings forced on, so there is no lm_head to skip.
+        params_to_hf=lambda params, model, skip: _gpt2_params_to_hf(params, model),
         hf_config=_gpt2_hf_config,
     ),
     "bert": _table(hf_bert, "bert"),

@@ -12,6 +12,13 @@ The name and shape mapping lives in :mod:`jaxlm.interop.hf`: GPT-2 (``decoder_on
 initialized and named in the output) and T5 v1.0 / v1.1 (``encoder_decoder``,
 ``span_corruption``). Imported blocks are unrolled (``config.model.scan_layers=false``) unless
 ``--config.model.scan_layers=true`` is given; both layouts export.
+
+Task models (``BertForSequenceClassification``, ``BertForTokenClassification``,
+``BertForQuestionAnswering``, ``GPT2ForSequenceClassification`` and GPT-2's token
+classification and QA heads; :mod:`jaxlm.interop.hf_heads`) import with their head: the
+workdir's ``config.data.objective`` is ``classification`` / ``token_classification`` / ``qa``,
+``config.task.num_labels`` and ``config.task.labels`` come from ``id2label``. A workdir with a
+task head exports as the matching architecture with its labels.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from jaxlm import checkpoint, config_lib
 from jaxlm.common_types import CheckpointError, ConfigError, DataError
 from jaxlm.config_lib import Config
 from jaxlm.data import tokenizers, tokenizers_hf
-from jaxlm.interop import hf
+from jaxlm.interop import hf, hf_heads
 from jaxlm.main import experiment, restore
 from jaxlm.main import workdir as workdir_lib
 from jaxlm.train_state import TrainState
@@ -82,15 +89,19 @@ def run_from_hf(
             "put the model's own tokenizer.json beside its config.json"
         )
 
-    # ---- Weights, read in full; some model fields (a tied head) are read off them.
+    # ---- Weights, read in full; some model fields (a tied head) and the task head are read off them.
     state_dict = hf.load_state_dict(source)
     model_fields = hf.model_fields_from_hf(hf_config, config_path, state_dict)
+    task = hf.task_from_hf(hf_config, state_dict, config_path)
 
     # ---- Config: the defaults, the model from config.json, then the user's overrides.
     raw = config_lib.base_config()
     for key, value in model_fields.items():
         raw.model[key] = value
     raw.data.objective = arch.objective
+    for key, value in (task.config_fields() if task else {}).items():
+        section, name = key.split(".")
+        raw[section][name] = value
     raw.data.tokenizer = tokenizer_name
     if tokenizer_name == "hf":  # the workdir carries it (saved below); a new run may start from there too
         raw.data.tokenizer_path = workdir
@@ -105,6 +116,18 @@ def run_from_hf(
                 f"--config.model.{key}={getattr(config.model, key)!r} contradicts {hf.CONFIG_FILE} of {hf_dir} "
                 f"({value!r}); drop that override"
             )
+    want_head = task.kind if task else "none"
+    if config_lib.task_head(config) != want_head:
+        what = f"a {task.head.architecture} ({want_head} head)" if task else "a model without a task head"
+        raise ConfigError(
+            f"--config.data.objective={config.data.objective!r} / --config.task.head={config.task.head!r}: "
+            f"{hf_dir} holds {what}; drop those overrides (fine-tune a new head with config.checkpoint.init_from)"
+        )
+    if task is not None and not hf_heads.pooling_fits(task.head, config.task.pooling):
+        raise ConfigError(
+            f"--config.task.pooling={config.task.pooling!r}: {task.head.architecture} pools with "
+            f"{hf_heads.POOLED_BY[task.head.model_type]}; drop that override"
+        )
     if config.data.tokenizer != tokenizer_name:
         raise ConfigError(
             f"--config.data.tokenizer={config.data.tokenizer!r}: the import uses {tokenizer_name!r} "
@@ -147,9 +170,10 @@ def run_from_hf(
     checkpoint.save(manager, 0, state, None)
     manager.wait_until_finished()
     manager.close()
+    head = f"{task.head.architecture}, {task.kind} head with {task.num_labels} outputs, " if task else ""
     print(
-        f"imported {hf_config.get('model_type')} ({experiment.param_count(exp.abstract_state.params):,} params, "
-        f"tokenizer {tokenizer_name}) from {hf_dir} into {workdir} at step 0"
+        f"imported {hf_config.get('model_type')} ({head}{experiment.param_count(exp.abstract_state.params):,} "
+        f"params, tokenizer {tokenizer_name}) from {hf_dir} into {workdir} at step 0"
         + (f"; not in the checkpoint, freshly initialized: {', '.join(fresh)}" if fresh else ""),
         file=stream,
         flush=True,
@@ -177,13 +201,19 @@ def run_to_hf(workdir: str, hf_dir: str, *, stream: TextIO | None = None) -> str
     out = os.path.abspath(os.path.expanduser(hf_dir))
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise DataError(f"{hf_dir} already exists and is not an empty directory; give a new output directory")
-    hf.hf_config_from_model(dataclasses.asdict(config.model), {})  # refuses a model Hugging Face cannot hold
+    # Refuse a model (or task head) Hugging Face cannot hold before restoring anything.
+    head_kind, labels = config_lib.task_head(config), config.task.label_list
+    task = hf.export_task(dataclasses.asdict(config.model), head_kind, len(labels) or 2, labels, config.task.pooling)
+    hf.hf_config_from_model(dataclasses.asdict(config.model), {}, task)
 
     # ---- Restore and map.
     exp, params, tokenizer, step = restore.open_trained(config, workdir)
+    params = jax.device_get(params)
     model = dataclasses.asdict(exp.model_cfg)
-    hf_config = hf.hf_config_from_model(model, tokenizer.special_ids)
-    state_dict = hf.params_to_hf(jax.device_get(params), model)
+    if task is not None:  # the head's size is the trained one (num_labels may have come from the dataset)
+        task = hf.export_task(model, head_kind, _head_outputs(params), labels, config.task.pooling)
+    hf_config = hf.hf_config_from_model(model, tokenizer.special_ids, task)
+    state_dict = hf.params_to_hf(params, model, task)
 
     # ---- Write into a temporary sibling, then move it into place whole.
     tmp = f"{out}.tmp{os.getpid()}"
@@ -206,6 +236,12 @@ def run_to_hf(workdir: str, hf_dir: str, *, stream: TextIO | None = None) -> str
         flush=True,
     )
     return out
+
+
+def _head_outputs(params: Mapping[str, Any]) -> int:
+    """The output count of a task head's layer (the last axis of ``head/<layer>/kernel``)."""
+    layers = list(params.get("head", {}).values())
+    return int(np.shape(layers[0]["kernel"])[-1]) if layers else 0
 
 
 def _match_abstract(params: Any, abstract: Any) -> Any:
