@@ -23,7 +23,8 @@ its module name is the jaxlm layer name. The body maps as for the pre-training m
 Face builds with ``add_pooling_layer=False``) are neither read nor written.
 
 Labels: ``config.task.num_labels`` is ``len(id2label)``; ``config.task.labels`` takes the
-``id2label`` names unless they are the ``LABEL_i`` defaults. Export writes ``id2label`` /
+``id2label`` names unless they are the ``LABEL_i`` defaults (or names a comma-separated config
+value cannot hold: commas, surrounding spaces, repeats). Export writes ``id2label`` /
 ``label2id`` back, ``problem_type: regression`` for one output, and ``pad_token_id`` (GPT-2's
 sequence classifier needs it to find the last real token).
 
@@ -82,7 +83,9 @@ class Task:
     head: HfHead
     kind: str  # jaxlm head kind: classification | regression | token_classification | qa
     num_labels: int  # outputs: classes, 1 for regression, 2 for qa
-    labels: tuple[str, ...] = ()  # label names in class order ('' = the LABEL_i defaults)
+    # Label names in class order; empty for the LABEL_i defaults, or names config.task.labels
+    # cannot hold (a comma, surrounding spaces, repeats), which then become 0..N-1.
+    labels: tuple[str, ...] = ()
 
     @property
     def objective(self) -> str:
@@ -118,9 +121,14 @@ def _num_labels(hf_config: Mapping[str, Any], source: str) -> tuple[int, tuple[s
     if sorted(by_id) != list(range(len(by_id))):
         raise DataError(f"{source}: id2label ids {sorted(by_id)} are not 0..{len(by_id) - 1}; fix the config")
     names = tuple(by_id[i] for i in range(len(by_id)))
-    if names == default_labels(len(names)):
+    if names == default_labels(len(names)) or not labels_fit_config(names):
         return len(names), ()
     return len(names), names
+
+
+def labels_fit_config(names: Sequence[str]) -> bool:
+    """Whether ``names`` survive ``config.task.labels`` (comma-separated, stripped, distinct, non-empty)."""
+    return len(set(names)) == len(names) and all(n and n == n.strip() and "," not in n for n in names)
 
 
 def default_labels(n: int) -> tuple[str, ...]:

@@ -199,6 +199,11 @@ def test_detection_and_regression():
     fields = hf.model_fields_from_hf(hf_config, state=state)
     exported = hf.hf_config_from_model(fields, {"pad": 0}, task)
     assert exported["problem_type"] == "regression" and exported["id2label"] == {"0": "LABEL_0"}
+    # Label names config.task.labels cannot hold fall back to 0..N-1; others are kept.
+    three = {**hf_config, "id2label": {"0": "a,b", "1": "c", "2": "d"}}
+    assert hf.task_from_hf(three).config_fields() == {"data.objective": "classification", "task.num_labels": 3}
+    three["id2label"] = {"2": "d", "0": "B-PER", "1": "O"}
+    assert hf.task_from_hf(three).labels == ("B-PER", "O", "d")
 
 
 def test_bad_head_checkpoints_and_exports(hf_dirs, tmp_path):
