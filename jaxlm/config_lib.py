@@ -139,7 +139,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.data_dir = ""  # where prepared datasets live; '' = ~/.cache/jaxlm/datasets
     c.data.tokenizer = "byte"
     c.data.tokenizer_path = ""  # an existing tokenizer (directory, .model or tokenizer.json) instead of training one
-    c.data.tokenizer_vocab_size = 8000  # vocabulary size when a tokenizer is trained (char: 0 = every character)
+    # Vocabulary size when a tokenizer is trained; 0 = automatic: sentencepiece 8000 capped at what the
+    # corpus supports (with a notice), char every character. An explicit size the corpus cannot fill is an error.
+    c.data.tokenizer_vocab_size = 0
     c.data.seq_len = 256
     c.data.batch_size = 16  # global batch, across all devices and hosts
     c.data.objective = "causal_lm"
@@ -896,9 +898,10 @@ def _merge(node: ml_collections.ConfigDict, raw: Mapping[str, Any], path: str) -
             try:
                 with node.unlocked():
                     node[key] = value
-            except TypeError:  # ml_collections keeps each field's type
+            except (TypeError, ValueError):  # ml_collections keeps each field's type
+                kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
                 raise ConfigError(
-                    f"saved config: {path}{key}={value!r:.60} is not a {type(current).__name__}; "
+                    f"saved config: {path}{key}={value!r:.60} must be {kind.get(type(current), 'a list')}; "
                     "fix it or use a new workdir"
                 ) from None
 

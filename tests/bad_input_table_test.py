@@ -9,6 +9,7 @@ import pytest
 
 from jaxlm import cli
 from jaxlm.checkpoint import DISK_FULL_AT_SAVE_ENV
+from jaxlm.main import lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPT = os.path.join(REPO, "configs", "gpt.py") + ":size=tiny"
@@ -34,13 +35,25 @@ def world(tmp_path_factory):
     for i in range(6):
         (corpus / f"{i}.txt").write_text("".join(f"line {i} {j} of some text\n" for j in range(60)))
     (tmp / "empty.txt").write_text("")
+    (tmp / "one_byte.txt").write_text("a")
+    (tmp / "short.txt").write_text("a few\nshort\nlines\nof text\n")
     (tmp / "a_file").write_text("not a directory")
+    (tmp / "syntax.py").write_text(
+        "from jaxlm import config_lib\n\ndef get_config(arg):\n    return config_lib.base_config(\n"
+    )
+    (tmp / "raises.py").write_text(
+        "from jaxlm import config_lib\n\ndef get_config(arg):\n    c = config_lib.base_config()\n    c.seed = 1 // 0\n"
+    )
+    (tmp / "bad_saved").mkdir()
+    (tmp / "bad_saved" / "config.json").write_text('{"model": {"num_layers": "four"}}')
     world = {"tmp": tmp, "corpus": str(corpus / "*.txt"), "data": str(tmp / "data"), "run": str(tmp / "run")}
     status = cli.execute(
         ["train", *_base(world, world["run"]), "--config.train.num_steps=4", "--config.checkpoint.every_steps=2"]
     )
     assert status == 0
-    return world
+    held = lock.acquire(str(tmp / "locked"))  # as if another `jaxlm train` were running there
+    yield world
+    held.release()
 
 
 def _base(world, workdir, config=GPT):
@@ -134,6 +147,49 @@ CASES = {
     "generate-top-p": (lambda w: ["generate", "--workdir", w["run"], "--top_p", "0"], "config.decode.top_p"),
     "incompatible-checkpoint": (_train(["--config.model.num_layers=3"]), "holds a run with model.num_layers=2"),
     "incompatible-tokenizer": (_train(["--config.data.tokenizer=char"]), "tokenizer"),
+    # --- reliability (issue 17): config-file code, paths, sizes, a busy workdir, a damaged config.json
+    "config-syntax-error": (
+        lambda w: ["train", "--config", str(w["tmp"] / "syntax.py"), "--workdir", str(w["tmp"] / "n50")],
+        "syntax.py:4: SyntaxError: '(' was never closed",
+    ),
+    "config-raises": (
+        lambda w: ["info", "--config", str(w["tmp"] / "raises.py")],
+        "raises.py:5: ZeroDivisionError: integer division or modulo by zero (in get_config)",
+    ),
+    "workdir-under-a-file": (
+        lambda w: ["train", *_base(w, w["tmp"] / "a_file" / "run")],
+        "a_file is a file, not a directory",
+    ),
+    "data-dir-under-a-file": (
+        lambda w: ["train", *_base(w, w["tmp"] / "n51"), f"--config.data.data_dir={w['tmp'] / 'a_file' / 'd'}"],
+        "a_file/d' cannot be created (Not a directory)",
+    ),
+    "corpus-one-byte": (
+        lambda w: ["train", *_base(w, w["tmp"] / "n52"), f"--config.data.files={w['tmp']}/one_byte.txt"],
+        "the train split comes out empty (train: 1 records, validation: 1 records)",
+    ),
+    "corpus-below-one-row": (
+        lambda w: ["train", *_base(w, w["tmp"] / "n53"), f"--config.data.files={w['tmp']}/short.txt"],
+        "fewer than one row of config.data.seq_len + 1 = 65 tokens",
+    ),
+    "validation-empty": (
+        _train(["--config.data.source=synthetic", "--config.data.synthetic.num_eval_tokens=0"], workdir_key="n54"),
+        "the validation split comes out empty",
+    ),
+    "sentencepiece-vocab-too-large": (
+        _train(
+            ["--config.data.tokenizer=sentencepiece_bpe", "--config.data.tokenizer_vocab_size=5000"], workdir_key="n55"
+        ),
+        "Vocabulary size too high (5000): the corpus supports at most",
+    ),
+    "workdir-in-use": (
+        lambda w: ["train", *_base(w, w["tmp"] / "locked")],
+        f"is in use by jaxlm train (pid {os.getpid()}",
+    ),
+    "saved-config-wrong-type": (
+        lambda w: ["eval", "--workdir", str(w["tmp"] / "bad_saved")],
+        "config.json: saved config: model.num_layers='four' must be an integer",
+    ),
 }
 
 

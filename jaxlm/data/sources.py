@@ -90,6 +90,44 @@ def record_texts(source: TextSource) -> Iterator[str]:
                 yield value
 
 
+def check_tokens(source: TextSource, tokenizer: Any, need: int, split: str) -> None:
+    """Raise a :class:`DataError` unless ``source`` holds ``need`` tokens (one ``seq_len + 1`` row).
+
+    Counts each record's text plus its ``eos``, and stops as soon as there are enough, so a
+    large corpus costs one or two records.
+    """
+    count = 0
+    for i in range(len(source)):
+        count += sum(len(tokenizer.encode(text)) for text in record_texts(_One(source[i]))) + 1
+        if count >= need:
+            return
+    raise DataError(
+        f"the {split} split holds {count} tokens in {len(source)} records, fewer than one row of "
+        f"config.data.seq_len + 1 = {need} tokens; add text or lower config.data.seq_len"
+    )
+
+
+class _One:
+    """One record as a source (for :func:`record_texts`)."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self._record = record
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._record
+
+
+def check_not_empty(splits: Mapping[str, TextSource], fixes: Mapping[str, str]) -> None:
+    """Raise a :class:`DataError` naming the sizes if a split holds no records, or only empty text."""
+    sizes = ", ".join(f"{name}: {len(src)} records" for name, src in splits.items())
+    for name, src in splits.items():
+        if len(src) == 0 or (len(src) <= 1000 and not any(t for t in record_texts(src))):
+            raise DataError(f"the {name} split comes out empty ({sizes}); {fixes.get(name, 'check config.data')}")
+
+
 def builtin_files() -> list[str]:
     """The built-in corpus: the ``*.py`` files of this Python's standard library."""
     stdlib = sysconfig.get_paths()["stdlib"]
@@ -390,7 +428,21 @@ def synthetic_sources(cfg: DataConfig) -> dict[str, TextSource]:
 
 
 def open_sources(cfg: DataConfig) -> dict[str, TextSource]:
-    """The train and validation sources named by ``config.data``."""
+    """The train and validation sources named by ``config.data``; neither may come out empty."""
+    splits = _open_sources(cfg)
+    train_fix = {
+        "tfds": "check config.data.name and config.data.train_split",
+        "synthetic": "raise config.data.synthetic.num_train_tokens",
+    }.get(cfg.source, "add text to config.data.files")
+    eval_fix = {
+        "tfds": "check config.data.eval_split",
+        "synthetic": "raise config.data.synthetic.num_eval_tokens",
+    }.get(cfg.source, "raise config.data.eval_fraction or set config.data.eval_files")
+    check_not_empty(splits, {"train": train_fix, "validation": eval_fix})
+    return splits
+
+
+def _open_sources(cfg: DataConfig) -> dict[str, TextSource]:
     if cfg.source == "synthetic":
         return synthetic_sources(cfg)
     if cfg.source == "tfds":

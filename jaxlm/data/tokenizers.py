@@ -329,8 +329,9 @@ def build(name: str, path: str | None = None, **options: Any) -> Tokenizer:
 def train(name: str, texts: Iterable[str], directory: str | None, vocab_size: int = 0, **options: Any) -> Tokenizer:
     """Train tokenizer ``name`` offline on ``texts`` and save it in ``directory`` (unless ``None``).
 
-    ``vocab_size`` counts the 7 special tokens; 0 lets ``char`` keep every character (the
-    SentencePiece kinds need it > 0). ``options`` go to the trainer (for SentencePiece, any
+    ``vocab_size`` counts the 7 special tokens; 0 lets ``char`` keep every character and the
+    SentencePiece kinds make 8000 ids or as many as ``texts`` support.
+    ``options`` go to the trainer (for SentencePiece, any
     ``SentencePieceTrainer`` flag such as ``character_coverage`` or ``byte_fallback``).
     Run it on one process only; the files are written atomically.
     """

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -36,6 +37,9 @@ from jaxlm.data.tokenizers import (
 )
 
 MODEL_FILE = "sentencepiece.model"
+# vocab_size=0 (config.data.tokenizer_vocab_size's default): this many ids, or as many as the corpus supports.
+DEFAULT_VOCAB_SIZE = 8000
+_TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
 DEFAULT_MAX_SENTENCES = 1_000_000  # lines trained on, as SentencePiece's README suggests
 
 # Trainer flags that pin the special ids; callers may not override them.
@@ -130,9 +134,13 @@ class SentencePieceTokenizer(Tokenizer):
 
         ``input_sentence_size`` (default 1,000,000; 0 keeps all) caps the lines trained on: a
         uniform sample drawn here with ``seed`` (default 0), because SentencePiece's own
-        sampling differs from run to run.
+        sampling differs from run to run. ``vocab_size=0`` means :data:`DEFAULT_VOCAB_SIZE`, capped
+        at what the corpus supports (the result's ``vocab_size`` tells); an explicit size the
+        corpus cannot fill is a :class:`DataError` naming the largest it can.
         """
         model_type = name.removeprefix("sentencepiece_")
+        auto = vocab_size == 0
+        vocab_size = vocab_size or DEFAULT_VOCAB_SIZE
         if vocab_size <= len(SPECIAL_ROLES):
             raise DataError(f"{name}: vocab_size={vocab_size} must be > 7 (the special tokens); set it")
         pinned = sorted(set(options) & (set(_PINNED_FLAGS) | {"model_type", "vocab_size", "shuffle_input_sentence"}))
@@ -143,17 +151,35 @@ class SentencePieceTokenizer(Tokenizer):
         sentences = _sample(_sentences(texts), limit, seed)
         if not sentences:
             raise DataError(f"{name}: the training texts are empty; check config.data.files")
-        flags = {**_DEFAULT_FLAGS, **options, **_PINNED_FLAGS, "model_type": model_type, "vocab_size": vocab_size}
-        writer = io.BytesIO()
-        spm.set_random_generator_seed(seed)
+        flags = {**_DEFAULT_FLAGS, **options, **_PINNED_FLAGS, "model_type": model_type}
         try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(sentences), model_writer=writer, input_sentence_size=0, **flags
+            return cls(name, _train_model(sentences, seed, flags, vocab_size))
+        except (RuntimeError, ValueError, TypeError) as e:
+            reason = str(e).split("]")[-1].strip() or str(e)
+            too_high = _TOO_HIGH.search(reason)
+            if too_high is None:
+                raise DataError(f"{name}: SentencePiece training failed: {reason}") from e
+            most = int(too_high.group(2))
+        if not auto or most <= len(SPECIAL_ROLES):
+            raise DataError(
+                f"{name}: SentencePiece training failed: Vocabulary size too high ({vocab_size}): the corpus supports "
+                f"at most {most} ids; lower config.data.tokenizer_vocab_size (0 = {DEFAULT_VOCAB_SIZE} capped to the "
+                "corpus) or add text"
             )
+        try:  # the default size, capped at the corpus's
+            return cls(name, _train_model(sentences, seed, flags, most))
         except (RuntimeError, ValueError, TypeError) as e:
             reason = str(e).split("]")[-1].strip() or str(e)
             raise DataError(f"{name}: SentencePiece training failed: {reason}") from e
-        return cls(name, writer.getvalue())
+
+
+def _train_model(sentences: list[str], seed: int, flags: dict[str, Any], vocab_size: int) -> bytes:
+    writer = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=writer, input_sentence_size=0, vocab_size=vocab_size, **flags
+    )
+    return writer.getvalue()
 
 
 def _sentences(texts: Iterable[str]) -> Iterator[str]:

@@ -11,7 +11,7 @@ import jax
 
 from jaxlm import models
 from jaxlm.config_lib import Config
-from jaxlm.data import tokenizers
+from jaxlm.data import tokenizers, tokenizers_sp
 from jaxlm.main import experiment
 from jaxlm.models import config as model_config
 
@@ -26,7 +26,8 @@ def describe(config: Config) -> dict[str, Any]:
         vocab = config.model.vocab_size
     else:  # a trained tokenizer reaches at most config.data.tokenizer_vocab_size ids
         byte = config.data.tokenizer == "byte"
-        vocab = tokenizers.build("byte").vocab_size if byte else config.data.tokenizer_vocab_size
+        trained = config.data.tokenizer_vocab_size or tokenizers_sp.DEFAULT_VOCAB_SIZE  # 0: at most the default
+        vocab = tokenizers.build("byte").vocab_size if byte else trained
         vocab = experiment.model_vocab_size(config, vocab)
     cfg = models.resolve(config.model, vocab)
     model = models.build(cfg)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+from typing import TextIO
 
 import ml_collections
 
 from jaxlm import checkpoint, config_lib
-from jaxlm.common_types import CheckpointError
+from jaxlm.common_types import CheckpointError, ConfigError
 from jaxlm.config_lib import Config
-from jaxlm.data import sources, tokenizers
+from jaxlm.data import sources, tokenizers, tokenizers_sp
 
 CONFIG_FILE = "config.json"
 
@@ -62,8 +64,13 @@ def saved_config(workdir: str) -> ml_collections.ConfigDict | None:
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return config_lib.from_json(f.read())
+    try:
+        with open(path, encoding="utf-8") as f:
+            return config_lib.from_json(f.read())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} cannot be read ({e}); fix it or use a new workdir") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def check_compatible(workdir: str, config: Config) -> None:
@@ -75,8 +82,8 @@ def check_compatible(workdir: str, config: Config) -> None:
     new = config_lib.flatten(_asdict(config))
     for key in sorted(new):
         if any(key == f or key.startswith(f + ".") for f in COMPATIBILITY_FIELDS) and old.get(key) != new[key]:
-            if key == "model.vocab_size" and 0 in (old.get(key), new[key]):
-                continue
+            if key in ("model.vocab_size", "data.tokenizer_vocab_size") and 0 in (old.get(key), new[key]):
+                continue  # 0 = automatic: the workdir's tokenizer decides
             raise CheckpointError(
                 f"--workdir {workdir} holds a run with {key}={old.get(key)!r} but the config says {new[key]!r}; "
                 "use a new --workdir or the same model config"
@@ -102,13 +109,38 @@ def has_checkpoint(workdir: str) -> bool:
     return checkpoint.latest_step(workdir) is not None
 
 
-def open_tokenizer(config: Config, workdir: str, train_source: sources.TextSource) -> tokenizers.Tokenizer:
+def open_tokenizer(
+    config: Config, workdir: str, train_source: sources.TextSource, *, stream: TextIO | None = None
+) -> tokenizers.Tokenizer:
     """The workdir's tokenizer, else the given one (``tokenizer_path``), else a new one.
 
     A new tokenizer is trained on the training split in memory; the caller saves it into the
     workdir (``tokenizer.save``) once everything else has been checked, so a run that fails
-    its checks leaves the workdir as it was.
+    its checks leaves the workdir as it was. A default-sized SentencePiece vocabulary capped
+    at what the corpus supports is said in one line on ``stream`` (stderr). Then the training
+    split must hold at least one row (``seq_len + 1`` tokens) of the causal LM objective.
     """
+    tok = _open_tokenizer(config, workdir, train_source)
+    d = config.data
+    if (
+        d.tokenizer.startswith("sentencepiece")
+        and d.tokenizer_vocab_size == 0
+        and not d.tokenizer_path
+        and tok.vocab_size < tokenizers_sp.DEFAULT_VOCAB_SIZE
+        and not os.path.isfile(os.path.join(workdir, tokenizers.TOKENIZER_FILE))
+    ):
+        print(
+            f"notice: the training text supports {tok.vocab_size} {d.tokenizer} ids, fewer than the default "
+            f"{tokenizers_sp.DEFAULT_VOCAB_SIZE}; using {tok.vocab_size} (config.data.tokenizer_vocab_size sets it)",
+            file=stream or sys.stderr,
+            flush=True,
+        )
+    if d.objective == "causal_lm":
+        sources.check_tokens(train_source, tok, d.seq_len + 1, "training")
+    return tok
+
+
+def _open_tokenizer(config: Config, workdir: str, train_source: sources.TextSource) -> tokenizers.Tokenizer:
     d = config.data
     if os.path.isfile(os.path.join(workdir, tokenizers.TOKENIZER_FILE)):
         tok = tokenizers.load(workdir)
