@@ -6,6 +6,7 @@ decode them; no network, no TensorFlow); the built-in tasks read a few standard-
 
 import contextlib
 import dataclasses
+import io
 import os
 import socket
 
@@ -46,7 +47,10 @@ CATALOG_RECORDS = {
 }
 # A few standard-library files per built-in task, so preparing takes a second.
 BUILTIN_FILES = {
-    "builtin_code_topic": [os.path.join("asyncio", "locks.py"), os.path.join("email", "charset.py")],
+    "builtin_code_topic": [
+        os.path.join(*p.split("/"))
+        for p in ("asyncio/locks.py", "asyncio/queues.py", "email/charset.py", "email/feedparser.py")
+    ],
 }
 DEFAULT_FILES = ["bisect.py", "shlex.py", "textwrap.py", "fnmatch.py"]
 RECIPES = ["code_topic", "code_tokens", "code_qa", "code_summary", "sst2", "conll2003", "squad", "wmt14_de_en"]
@@ -146,3 +150,44 @@ def test_recipe_defaults_and_bad_arguments(tmp_path):
         config_lib.load_config_file(f"{CONFIG}:task=mnli")
     with pytest.raises(ConfigError, match="unknown argument 'steps'"):
         config_lib.load_config_file(f"{CONFIG}:task=sst2,steps=3")
+
+
+# The metric each objective's evaluation must report (jaxlm/evaluation.py), besides eval_loss.
+EVAL_METRIC = {
+    "classification": "eval_accuracy",
+    "token_classification": "eval_f1",
+    "qa": "eval_exact_match",
+    "seq2seq": "eval_bleu",
+}
+TINY_MODEL = dict(
+    model__num_layers=1,
+    model__embed_dim=32,
+    model__mlp_dim=64,
+    model__num_heads=2,
+    data__seq_len=48,
+    task__max_question_len=16,
+    train__num_steps=2,
+    train__eval_every=0,
+    train__eval_steps=1,
+)
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """One persistent compilation cache for the module: recipes of the same shapes compile once."""
+    return str(tmp_path_factory.mktemp("compile_cache"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", RECIPES)
+def test_every_recipe_trains_a_few_steps_and_reports_its_metrics(task, tmp_path, few_stdlib_files, compile_cache):
+    from jaxlm.main import train
+
+    overrides = dict(TINY_MODEL, train__compile_cache_dir=compile_cache)
+    if config_lib.load_config_file(f"{CONFIG}:task={task},size=tiny").model.kind == "encoder_decoder":
+        overrides |= dict(model__num_decoder_layers=1, task__targets_len=16, decode__max_new_tokens=16)
+    cfg = recipe(task, tmp_path, **overrides)
+    with mock_catalog(cfg):
+        out = train.run(cfg, str(tmp_path / "run"), stream=io.StringIO())
+    assert np.isfinite(out["loss"]) and np.isfinite(out["eval_loss"])
+    assert EVAL_METRIC[cfg.data.objective] in out
