@@ -58,7 +58,7 @@ from jaxlm.common_types import DataError
 from jaxlm.data.local_files import split_keyed
 from jaxlm.data.objectives_tasks import bio_labels
 
-VERSION = "2"  # part of the prepared data's fingerprint: bump it when the records change
+VERSION = "3"  # part of the prepared data's fingerprint: bump it when the records change
 TOPIC_LABELS = 8  # K: the packages with the most functions are the classes
 MAX_SOURCE_CHARS = 1200  # a function's source is cut (at a line end) to this many characters
 MIN_SOURCE_LINES = 3  # shorter functions (after removing docstrings) say too little to classify
@@ -149,7 +149,8 @@ class _Stripped:
     """
 
     def __init__(self, text: str, tree: ast.Module) -> None:
-        self.lines = text.splitlines()
+        # Lines as the parser numbers them: str.splitlines would also cut at form feeds and the like.
+        self.lines = io.StringIO(text, newline=None).read().split("\n")
         self.drop: set[int] = set()  # 0-based line indices
         self.replace: dict[int, str] = {}
         self.unsafe: set[int] = set()  # id() of functions whose docstring is not on its own lines
@@ -324,7 +325,7 @@ _STRING_ENDS = frozenset(getattr(tokenize, n) for n in ("FSTRING_END", "TSTRING_
 def _logical_lines(text: str) -> Iterator[list[tuple[str, str | None]]]:
     """Each logical line as ``(token text, entity type)`` pairs (comments join the line that follows)."""
     line: list[tuple[str, str | None]] = []
-    depth, string_start, lines = 0, None, text.splitlines(keepends=True)
+    depth, string_start, lines = 0, None, io.StringIO(text).readlines()  # numbered as tokenize numbers them
     try:
         for tok in tokenize.generate_tokens(io.StringIO(text).readline):
             if tok.type in _STRING_STARTS:

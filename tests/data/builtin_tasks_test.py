@@ -231,3 +231,15 @@ def test_topic_split_holds_out_files_of_every_package():
     for split_files in split.values():
         assert {os.path.relpath(f, root).split(os.sep)[0] for f in split_files} == {"json", "email", "asyncio"}
     assert sorted(split["train"] + split["validation"]) == sorted(files)
+
+
+def test_form_feeds_do_not_shift_lines(tmp_path):
+    # str.splitlines() cuts at a form feed, the parser does not: the answer must still be the name.
+    path = tmp_path / "ff.py"
+    path.write_text(MODULE.replace("\n\ndef second", "\n\x0c\ndef second"))
+    records = builtin_tasks.qa_records(str(path))
+    assert len(records) == 4
+    for r in records:
+        (name,), (start,) = r["answers"]["text"], r["answers"]["answer_start"]
+        assert r["context"][start : start + len(name)] == name
+    assert any(r["source"].startswith("def second(path):") for r in builtin_tasks.summary_records(str(path)))
