@@ -188,9 +188,15 @@ def execute(argv: Sequence[str]) -> int:
     except OSError as e:
         if e.errno not in ENVIRONMENT_ERRNOS:
             raise
-        # Out of disk space or a permission lost mid-run: name the file, no traceback.
+        # Out of disk space, a permission lost mid-run, a cache directory under a file: name the path, no traceback.
         where = f" ({e.filename})" if e.filename else ""
-        print(f"error: {e.strerror or e}{where}; free space or fix permissions, then rerun to resume", file=sys.stderr)
+        fix = {
+            errno.ENOTDIR: "a part of that path is a file, not a directory; pick another path",
+            errno.EROFS: "that filesystem is read-only; pick a path on a writable one",
+            errno.EACCES: "fix its permissions or pick another path",
+            errno.EPERM: "fix its permissions or pick another path",
+        }.get(e.errno or 0, "free space or fix permissions")
+        print(f"error: {e.strerror or e}{where}; {fix}, then rerun to resume", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as e:  # Ctrl-C; after a saved stop (preempt.Interrupted) it says how to resume
         print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)

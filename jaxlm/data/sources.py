@@ -265,7 +265,15 @@ def prepare_files(
                 on_decode_error=on_decode_error,
             )
         builder = cls(splits=splits, spec=spec, config=config, data_dir=data_dir, file_format="array_record")
-        builder.download_and_prepare()
+        # tfds writes into an 'incomplete.*' sibling and renames it when complete, so a kill leaves
+        # nothing is_prepared() accepts and the next run rebuilds. Two runs preparing the same files
+        # at once: the second rename fails; the first one's complete copy is then used.
+        try:
+            builder.download_and_prepare()
+        except OSError:
+            if not builder.is_prepared():
+                raise
+            builder = tfds.builder_from_directory(builder.data_dir)
     return {split: builder.as_data_source(split=split) for split in ("train", "validation")}
 
 
