@@ -44,6 +44,7 @@ import collections
 import dataclasses
 import functools
 import glob
+import hashlib
 import io
 import keyword
 import os
@@ -58,7 +59,7 @@ from jaxlm.common_types import DataError
 from jaxlm.data.local_files import split_keyed
 from jaxlm.data.objectives_tasks import bio_labels
 
-VERSION = "3"  # part of the prepared data's fingerprint: bump it when the records change
+VERSION = "4"  # part of the prepared data's fingerprint: bump it when the records change
 TOPIC_LABELS = 8  # K: the packages with the most functions are the classes
 MAX_SOURCE_CHARS = 1200  # a function's source is cut (at a line end) to this many characters
 MIN_SOURCE_LINES = 3  # shorter functions (after removing docstrings) say too little to classify
@@ -436,11 +437,17 @@ def task_files(name: str) -> list[str]:
     return files
 
 
+def _file_hash(key: str) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
+
+
 def split_files(files: Sequence[str], eval_fraction: float, *, by_package: bool = False) -> dict[str, list[str]]:
     """Files split into train and validation by a hash of their path relative to the standard library.
 
-    ``by_package`` splits the files of each top-level package separately (at least one file
-    of a package with two or more goes to each split), so every topic class is evaluated.
+    ``by_package`` holds out ``round(eval_fraction * n)`` of the ``n`` files of each top-level
+    package, at least one when it has two or more (those of smallest hash), so every topic
+    class is evaluated; otherwise about ``eval_fraction`` of all files are held out
+    (:func:`jaxlm.data.local_files.split_keyed`, as for the language-modelling corpus).
     """
     root = stdlib_dir()
     keyed = sorted((os.path.relpath(f, root).replace(os.sep, "/"), f) for f in files)  # ties in order of path
@@ -451,26 +458,28 @@ def split_files(files: Sequence[str], eval_fraction: float, *, by_package: bool 
         groups[key.split("/")[0]].append((key, path))
     out: dict[str, list[str]] = {"train": [], "validation": []}
     for package in sorted(groups):
-        if len(groups[package]) == 1:  # a one-file package cannot be in both splits: it trains
-            out["train"].append(groups[package][0][1])
-            continue
-        for split, paths in split_keyed(groups[package], eval_fraction).items():
-            out[split].extend(paths)
+        group = sorted(groups[package], key=lambda kp: _file_hash(kp[0]))
+        held = max(1, round(eval_fraction * len(group))) if len(group) >= 2 else 0  # one file: it trains
+        out["validation"].extend(p for _, p in group[:held])
+        out["train"].extend(p for _, p in group[held:])
     return out
 
 
 def build_task(name: str, eval_fraction: float, files: Sequence[str] | None = None) -> dict[str, list[dict[str, Any]]]:
-    """The ``'train'`` and ``'validation'`` records of task ``name`` (``files`` overrides the task's corpus)."""
+    """The ``'train'`` and ``'validation'`` records of task ``name`` (``files`` overrides the task's corpus).
+
+    Files that yield no record (no function, say) take no part in the split.
+    """
     task = lookup(name)
     files = list(files) if files is not None else task_files(name)
-    split = split_files(files, eval_fraction, by_package=task.by_package)
-    out = {key: [r for path in paths for r in task.records(path)] for key, paths in split.items()}
+    per_file = {path: task.records(path) for path in files}
+    split = split_files([f for f in files if per_file[f]], eval_fraction, by_package=task.by_package)
+    out = {key: [r for path in paths for r in per_file[path]] for key, paths in split.items()}
     for key, records in out.items():
         if not records:
-            fix = "raise it so more" if key == "validation" else "lower it so fewer"
             raise DataError(
-                f"built-in task {name!r}: the {key} split has no records; config.data.eval_fraction={eval_fraction}: "
-                f"{fix} files are held out"
+                f"built-in task {name!r}: the {key} split has no records ({len(files)} files, "
+                f"config.data.eval_fraction={eval_fraction}); change eval_fraction or the files"
             )
     return out
 

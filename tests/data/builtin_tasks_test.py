@@ -173,8 +173,10 @@ def test_split_is_by_file_deterministic_and_disjoint():
     assert sorted(a["train"] + a["validation"]) == sorted(files) and a["validation"]
     built = builtin_tasks.build_task("builtin_code_summary", 0.2, files)
     per_file = {f: builtin_tasks.summary_records(f) for f in files}
-    assert built["validation"] == [r for f in a["validation"] for r in per_file[f]]
-    assert built["train"] == [r for f in a["train"] for r in per_file[f]]
+    assert any(not r for r in per_file.values())  # files without records take no part in the split
+    s = builtin_tasks.split_files([f for f in files if per_file[f]], 0.2)
+    assert built["validation"] == [r for f in s["validation"] for r in per_file[f]]
+    assert built["train"] == [r for f in s["train"] for r in per_file[f]]
 
 
 def test_options_and_unknown_names():
@@ -231,6 +233,10 @@ def test_topic_split_holds_out_files_of_every_package():
     for split_files in split.values():
         assert {os.path.relpath(f, root).split(os.sep)[0] for f in split_files} == {"json", "email", "asyncio"}
     assert sorted(split["train"] + split["validation"]) == sorted(files)
+    held = {p: sum(builtin_tasks.package_of(f) == p for f in split["validation"]) for p in ("json", "email", "asyncio")}
+    total = {p: sum(builtin_tasks.package_of(f) == p for f in files) for p in held}
+    assert held == {p: max(1, round(0.1 * n)) for p, n in total.items()}
+    assert builtin_tasks.split_files(list(reversed(files)), 0.1, by_package=True) == split
 
 
 def test_form_feeds_do_not_shift_lines(tmp_path):
