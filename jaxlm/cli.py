@@ -64,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--num_samples", type=int, default=None, help="samples to draw (beam search: best beams to print)")
     gen.add_argument("--beam_size", type=int, default=None, help="> 1: beam search with this many beams")
     gen.add_argument(
+        "--format",
+        choices=("ids", "text"),
+        default="text",
+        help="text GAN workdirs: one sequence of token ids per line (Texygen's format) or detokenized text",
+    )
+    gen.add_argument(
         "--length_penalty", type=float, default=None, help="beam search: divide log p by length ** this (default 1)"
     )
     gen.add_argument(
@@ -125,9 +131,20 @@ def run(argv: Sequence[str]) -> int:
     if args.command == "train":
         config = load_config(args, overrides, required=True)
         _maybe_init_distributed(args)
-        from jaxlm.main import train
+        if config.gan.mode != "none":  # text GANs: their own program (jaxlm/main/gan.py)
+            from jaxlm.main import gan
 
-        train.run(config, args.workdir)
+            gan.run(config, args.workdir)
+        else:
+            from jaxlm.main import train
+
+            train.run(config, args.workdir)
+    elif args.command == "predict":
+        config = load_config(args, overrides, required=False)
+        from jaxlm.main import predict
+
+        count = predict.run(config, args.workdir, args.input, args.output)
+        print(f"wrote {count} predictions to {args.output}")
     elif args.command == "info":
         config = load_config(args, overrides, required=True)
         from jaxlm.main import info
@@ -154,6 +171,12 @@ def run(argv: Sequence[str]) -> int:
             if value is not None:
                 overrides[f"decode.{flag}"] = str(value)
         config = load_config(args, overrides, required=False)
+        if config.gan.mode != "none":  # a text GAN's generator: one sample per line
+            from jaxlm.main import gan
+
+            for line in gan.generate(config, args.workdir, args.format):
+                print(line)
+            return 0
         from jaxlm.main import generate
 
         for text in generate.run(config, args.workdir, args.prompt):

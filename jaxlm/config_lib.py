@@ -16,7 +16,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import traceback
 import types
 import typing
@@ -42,7 +41,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.remat": ("none", "full", "dots"),
     "model.grad_barrier": ("auto", "on", "off"),
     "model.fuse_qkv": ("auto", "on", "off"),
-    "data.source": ("builtin", "files", "tfds", "synthetic"),
+    "data.source": ("builtin", "files", "tfds", "synthetic", "oracle"),
     "data.tokenizer": ("byte", "char", "sentencepiece_unigram", "sentencepiece_bpe", "hf"),
     "data.objective": (
         "causal_lm",
@@ -66,12 +65,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.nonfinite_policy": ("skip", "stop"),
     "train.cond_update": ("auto", "on", "off"),
-    "peft.adapter_kind": ("houlsby", "pfeiffer"),
+    "gan.mode": ("none", "seqgan", "gumbel"),
+    "gan.generator": ("lstm", "transformer"),
+    "gan.discriminator": ("cnn", "transformer", "lstm"),
+    "gan.loss": ("standard", "nonsaturating", "minimax", "hinge", "rsgan", "wgan_gp"),
+    "gan.temperature_schedule": ("exp", "linear", "none"),
+    "gan.gumbel_feed": ("hard", "soft"),
 }
-
-# config.peft.method: 'none' or a comma-separated combination of these (jaxlm/peft.py implements them).
-PEFT_METHODS: tuple[str, ...] = ("lora", "dora", "adapter", "prefix", "prompt", "ia3", "bitfit")
-
 
 
 # Which model kinds train on which pre-training objective.
@@ -259,19 +259,50 @@ def base_config() -> ml_collections.ConfigDict:
     c.task.max_answer_len = 30  # qa: longest answer span (tokens) predict and eval consider
     c.task.qa_impossible = "drop"  # qa: an answer cut off by seq_len: drop the example or mark it unanswerable
 
-    # Lightweight fine-tuning (jaxlm/peft.py): a frozen base (config.checkpoint.init_from) and a small
-    # trainable tree. method: none or a comma-separated combination of PEFT_METHODS, e.g. 'lora,bitfit'.
-    c.peft = ml_collections.ConfigDict()
-    c.peft.method = "none"
-    c.peft.targets = "attn/(query|value)"  # regexes over parameter paths (comma-separated) that LoRA/DoRA/IA3 adapt
-    c.peft.rank = 8  # LoRA/DoRA rank r
-    c.peft.alpha = 16.0  # LoRA/DoRA scale alpha / r
-    c.peft.dropout = 0.0  # dropout on the LoRA/DoRA input (training only)
-    c.peft.adapter_dim = 64  # bottleneck adapters: hidden size
-    c.peft.adapter_kind = "houlsby"  # houlsby: after attention and MLP; pfeiffer: after the MLP only
-    c.peft.num_virtual_tokens = 20  # prefix / prompt tuning
-    c.peft.trainable = "head/|pooler/"  # extra regexes over parameter paths kept trainable (the task head)
-    c.peft.init_scale = 0.01  # std of LoRA A (B starts at zero, so the adapted model starts as the base)
+    # Text GANs (jaxlm/main/gan.py runs them when mode != 'none'; configs/seqgan.py documents them).
+    c.gan = ml_collections.ConfigDict()
+    c.gan.mode = "none"  # seqgan: REINFORCE with Monte-Carlo rollouts; gumbel: Gumbel-softmax (RelGAN)
+    c.gan.generator = "lstm"  # lstm (g_embed_dim / g_hidden_dim) or transformer (config.model, decoder-only)
+    c.gan.discriminator = "cnn"  # cnn (SeqGAN/Texygen), transformer (encoder classifier), lstm
+    c.gan.loss = "standard"
+    c.gan.g_embed_dim = 32  # the SeqGAN generator: embedding 32, hidden 32
+    c.gan.g_hidden_dim = 32
+    c.gan.d_embed_dim = 64
+    c.gan.d_hidden_dim = 64  # lstm discriminator state / transformer discriminator width
+    c.gan.d_num_layers = 2  # transformer discriminator depth
+    c.gan.d_num_heads = 4
+    # cnn discriminator: SeqGAN's filter widths and counts (widths longer than the sequence are skipped).
+    c.gan.d_filter_sizes = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 20)
+    c.gan.d_num_filters = (100, 200, 200, 200, 200, 100, 100, 100, 100, 100, 160, 160)
+    c.gan.d_dropout = 0.25  # SeqGAN keeps 0.75
+    c.gan.spectral_norm = False  # spectral normalization of every discriminator weight matrix
+    c.gan.spectral_norm_iterations = 3  # power iterations per forward pass (stateless, see jaxlm/nn/spectral_norm.py)
+    c.gan.pretrain_g_steps = 0  # MLE updates of G (or pretrain_g_epochs passes over the data; not both)
+    c.gan.pretrain_g_epochs = 0
+    c.gan.pretrain_d_steps = 0  # discriminator updates (each d_epochs updates on one real/fake batch)
+    c.gan.adv_rounds = 0  # adversarial rounds: g_steps G updates, then d_steps D batches x d_epochs updates
+    c.gan.g_steps = 1
+    c.gan.d_steps = 5
+    c.gan.d_epochs = 3
+    c.gan.num_rollouts = 16
+    c.gan.rollout_update_rate = 0.8  # rollout = rate * rollout + (1 - rate) * G after each G update
+    # Gumbel-softmax: inverse temperature beta (RelGAN's convention) goes 1 -> max_temperature over the rounds.
+    c.gan.max_temperature = 100.0
+    c.gan.temperature_schedule = "exp"
+    c.gan.gumbel_feed = "hard"  # next input: the sampled token (RelGAN) or the relaxed one-hot itself
+    c.gan.gp_weight = 10.0  # wgan_gp penalty weight
+    c.gan.g_lr = 0.01  # MLE pretraining (SeqGAN: Adam 0.01, clip 5)
+    c.gan.adv_g_lr = 0.01  # adversarial G updates
+    c.gan.d_lr = 1e-4
+    c.gan.b1 = 0.9
+    c.gan.b2 = 0.999
+    c.gan.weight_decay = 0.0
+    c.gan.clip_norm = 5.0  # 0 disables
+    c.gan.oracle_num_train = 10_000  # data.source='oracle': samples of length data.seq_len as training data
+    c.gan.oracle_num_test = 2_000  # held-out oracle samples for NLL_test
+    c.gan.eval_num_samples = 1_000  # G samples scored by the oracle (NLL_oracle) and for distinct-n
+    c.gan.eval_bleu_samples = 0  # samples for BLEU-2..5 / Self-BLEU-2..5 (nltk, method1 smoothing); 0 disables
+    c.gan.eval_bleu_references = 1_000  # held-out references for BLEU
 
     c.lock()
     return c
@@ -574,27 +605,6 @@ class DecodeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class PeftConfig:
-    """Lightweight fine-tuning: which methods, what they adapt and what else trains (see base_config())."""
-
-    method: str
-    targets: str
-    rank: int
-    alpha: float
-    dropout: float
-    adapter_dim: int
-    adapter_kind: str
-    num_virtual_tokens: int
-    trainable: str
-    init_scale: float
-
-    @property
-    def methods(self) -> tuple[str, ...]:
-        """``method`` split on commas, without 'none' (empty: no PEFT)."""
-        return tuple(m.strip() for m in self.method.split(",") if m.strip() and m.strip() != "none")
-
-
-@dataclasses.dataclass(frozen=True)
 class TaskConfig:
     """Fine-tuning task: which head, its labels and the task's data options."""
 
@@ -615,6 +625,52 @@ class TaskConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GanConfig:
+    """Text GAN: models, losses and the pretrain / adversarial schedule (see base_config())."""
+
+    mode: str
+    generator: str
+    discriminator: str
+    loss: str
+    g_embed_dim: int
+    g_hidden_dim: int
+    d_embed_dim: int
+    d_hidden_dim: int
+    d_num_layers: int
+    d_num_heads: int
+    d_filter_sizes: tuple
+    d_num_filters: tuple
+    d_dropout: float
+    spectral_norm: bool
+    spectral_norm_iterations: int
+    pretrain_g_steps: int
+    pretrain_g_epochs: int
+    pretrain_d_steps: int
+    adv_rounds: int
+    g_steps: int
+    d_steps: int
+    d_epochs: int
+    num_rollouts: int
+    rollout_update_rate: float
+    max_temperature: float
+    temperature_schedule: str
+    gumbel_feed: str
+    gp_weight: float
+    g_lr: float
+    adv_g_lr: float
+    d_lr: float
+    b1: float
+    b2: float
+    weight_decay: float
+    clip_norm: float
+    oracle_num_train: int
+    oracle_num_test: int
+    eval_num_samples: int
+    eval_bleu_samples: int
+    eval_bleu_references: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole validated experiment configuration."""
 
@@ -628,7 +684,7 @@ class Config:
     sharding: ShardingConfig
     decode: DecodeConfig
     task: TaskConfig
-    peft: PeftConfig
+    gan: GanConfig
 
 
 def _to_dataclass(cls: type, value: Any, path: str) -> Any:
@@ -859,34 +915,80 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Config:
         want = OBJECTIVE_HEADS[d.objective]
         ok = tk.head == want or (want == "classification" and tk.head == "regression")
         _check(ok, f"config.task.head={tk.head!r} does not fit config.data.objective={d.objective!r}; use auto")
-    _validate_peft(cfg)
+    _validate_gan(cfg)
     return _resolve_cadence(cfg)
 
 
-def _validate_peft(cfg: Config) -> None:
-    p = cfg.peft
-    names = [n.strip() for n in p.method.split(",") if n.strip()]
-    _check(bool(names), "config.peft.method is empty; use none or a combination of: " + ", ".join(PEFT_METHODS))
-    for name in names:
-        _check(
-            name in PEFT_METHODS or (name == "none" and len(names) == 1),
-            f"config.peft.method={p.method!r}: {name!r} is not one of: none, {', '.join(PEFT_METHODS)} "
-            "(combine with commas, e.g. lora,bitfit)",
-        )
-    _check(len(set(names)) == len(names), f"config.peft.method={p.method!r} names a method twice")
-    _check(not {"lora", "dora"} <= set(names), "config.peft.method combines lora and dora; dora already includes lora")
-    _check(p.rank > 0, f"config.peft.rank={p.rank} must be > 0")
-    _check(math.isfinite(p.alpha) and p.alpha > 0, f"config.peft.alpha={p.alpha} must be > 0")
-    _check(0.0 <= p.dropout < 1.0, f"config.peft.dropout={p.dropout} must be in [0, 1)")
-    _check(p.adapter_dim > 0, f"config.peft.adapter_dim={p.adapter_dim} must be > 0")
-    _check(p.num_virtual_tokens > 0, f"config.peft.num_virtual_tokens={p.num_virtual_tokens} must be > 0")
-    _check(math.isfinite(p.init_scale) and p.init_scale >= 0, "config.peft.init_scale must be >= 0")
-    for field in ("targets", "trainable"):
-        for pattern in (x.strip() for x in getattr(p, field).split(",") if x.strip()):
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ConfigError(f"config.peft.{field}: {pattern!r} is not a regular expression ({e})") from None
+def _validate_gan(cfg: Config) -> None:
+    """The text-GAN section (only checked in depth when ``config.gan.mode`` is not 'none')."""
+    g, d = cfg.gan, cfg.data
+    _check(
+        d.source != "oracle" or g.mode != "none",
+        "config.data.source='oracle' is the SeqGAN oracle for text GANs; set config.gan.mode=seqgan or gumbel",
+    )
+    if g.mode == "none":
+        return
+    for name in (
+        "g_embed_dim",
+        "g_hidden_dim",
+        "d_embed_dim",
+        "d_hidden_dim",
+        "d_num_layers",
+        "d_num_heads",
+        "g_steps",
+        "d_steps",
+        "d_epochs",
+        "num_rollouts",
+        "spectral_norm_iterations",
+        "oracle_num_train",
+        "oracle_num_test",
+        "eval_num_samples",
+        "eval_bleu_references",
+    ):
+        _check(getattr(g, name) > 0, f"config.gan.{name}={getattr(g, name)} must be > 0")
+    for name in ("pretrain_g_steps", "pretrain_g_epochs", "pretrain_d_steps", "adv_rounds", "eval_bleu_samples"):
+        _check(getattr(g, name) >= 0, f"config.gan.{name}={getattr(g, name)} must be >= 0")
+    _check(
+        not (g.pretrain_g_steps and g.pretrain_g_epochs),
+        "config.gan.pretrain_g_steps and pretrain_g_epochs are both set; set one of them (the other to 0)",
+    )
+    _check(
+        g.pretrain_g_steps + g.pretrain_g_epochs + g.pretrain_d_steps + g.adv_rounds > 0,
+        "config.gan has nothing to train; set pretrain_g_epochs, pretrain_g_steps, pretrain_d_steps or adv_rounds",
+    )
+    _check(
+        g.d_embed_dim % g.d_num_heads == 0 or g.discriminator != "transformer",
+        f"config.gan.d_num_heads={g.d_num_heads} must divide config.gan.d_embed_dim={g.d_embed_dim}",
+    )
+    sizes, counts = tuple(g.d_filter_sizes), tuple(g.d_num_filters)
+    _check(
+        len(sizes) == len(counts) and len(sizes) > 0,
+        "config.gan.d_filter_sizes and d_num_filters must be non-empty and of the same length",
+    )
+    _check(
+        all(isinstance(v, int) and v > 0 for v in sizes + counts),
+        "config.gan.d_filter_sizes and d_num_filters must be positive integers",
+    )
+    _check(
+        g.discriminator != "cnn" or min(sizes) <= d.seq_len,
+        f"config.gan.d_filter_sizes: every width exceeds config.data.seq_len={d.seq_len}; add a smaller width",
+    )
+    _check(0.0 <= g.d_dropout < 1.0, f"config.gan.d_dropout={g.d_dropout} must be in [0, 1)")
+    _check(0.0 <= g.rollout_update_rate <= 1.0, "config.gan.rollout_update_rate must be in [0, 1]")
+    _check(g.max_temperature >= 1.0, f"config.gan.max_temperature={g.max_temperature} must be >= 1 (1 = constant)")
+    _check(g.gp_weight >= 0, "config.gan.gp_weight must be >= 0")
+    for name in ("g_lr", "adv_g_lr", "d_lr"):
+        _check(getattr(g, name) > 0, f"config.gan.{name}={getattr(g, name)} must be > 0")
+    _check(0.0 <= g.b1 < 1.0 and 0.0 <= g.b2 < 1.0, "config.gan.b1 and b2 must be in [0, 1)")
+    _check(g.weight_decay >= 0 and g.clip_norm >= 0, "config.gan.weight_decay and clip_norm must be >= 0")
+    _check(
+        d.source in ("oracle", "builtin", "files"),
+        f"config.data.source={d.source!r}: text GANs train on 'oracle', 'builtin' or 'files' data",
+    )
+    _check(
+        g.generator != "transformer" or cfg.model.kind == "decoder_only",
+        "config.gan.generator='transformer' is config.model's decoder-only model; set config.model.kind=decoder_only",
+    )
 
 
 def task_head(cfg: Config) -> str:
