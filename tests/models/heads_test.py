@@ -152,20 +152,25 @@ def test_token_and_qa_heads_are_per_position():
     np.testing.assert_allclose(out["end_logits"], logits[..., 1], atol=1e-5)
 
 
-def test_dropout_before_the_classifier_only_when_training():
-    model, params = _init(_cfg("encoder_only", dropout_rate=0.5), HeadConfig("token_classification", 3))
-    eval_out = model.apply({"params": params}, TOKENS, segment_ids=SEGMENTS)["logits"]
-    again = model.apply({"params": params}, TOKENS, segment_ids=SEGMENTS)["logits"]
-    np.testing.assert_array_equal(eval_out, again)
-    train = model.apply(
-        {"params": params}, TOKENS, segment_ids=SEGMENTS, deterministic=False, rngs={"dropout": jax.random.key(3)}
-    )["logits"]
-    assert train.shape == eval_out.shape and not np.allclose(train, eval_out)
+def test_dropout_only_before_classifier_as_hugging_face():
+    """BERT's and GPT-2's classifier layers see dropout in training; GPT-2's score and every qa_outputs do not."""
+    cfg = _cfg("encoder_only", dropout_rate=0.5)
+    x = jax.random.normal(jax.random.key(4), (B, T, D))
+    cases = [(HeadConfig("token_classification", 3), False, True), (HeadConfig("classification", 3), False, True)]
+    cases += [(HeadConfig("classification", 3), True, False), (HeadConfig("qa", 0), False, False)]
+    for head, decoder, drops in cases:
+        layer = heads.TaskHead(cfg, head, decoder=decoder)
+        inputs = x if head.kind in ("token_classification", "qa") else x[:, 0]
+        variables = layer.init(jax.random.key(0), inputs)
+        ev = layer.apply(variables, inputs)
+        tr = layer.apply(variables, inputs, deterministic=False, rngs={"dropout": jax.random.key(3)})
+        for key in ev:
+            assert np.allclose(ev[key], tr[key]) != drops, (head, decoder)
 
 
 @pytest.mark.parametrize("kind, head_kind", [("decoder_only", "classification"), ("encoder_only", "qa")])
 def test_scan_layers_bf16_fused_qkv(kind, head_kind):
-    cfg = _cfg(kind, scan_layers=True, dtype="bfloat16", fuse_qkv="on", remat="full")
+    cfg = _cfg(kind, scan_layers=True, dtype="bfloat16", fuse_qkv="on")
     model, params = _init(cfg, HeadConfig(head_kind, 3))
     assert "layers" in params["blocks"]
     out = jax.jit(lambda p: model.apply({"params": p}, TOKENS, segment_ids=SEGMENTS))(params)
