@@ -16,6 +16,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import traceback
 import types
 import typing
@@ -71,7 +72,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "gan.loss": ("standard", "nonsaturating", "minimax", "hinge", "rsgan", "wgan_gp"),
     "gan.temperature_schedule": ("exp", "linear", "none"),
     "gan.gumbel_feed": ("hard", "soft"),
+    "peft.adapter_kind": ("houlsby", "pfeiffer"),
 }
+
+# config.peft.method: 'none' or a comma-separated combination of these (jaxlm/peft.py implements them).
+PEFT_METHODS: tuple[str, ...] = ("lora", "dora", "adapter", "prefix", "prompt", "ia3", "bitfit")
+
 
 
 # Which model kinds train on which pre-training objective.
@@ -258,6 +264,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.task.max_question_len = 64  # qa: question tokens kept
     c.task.max_answer_len = 30  # qa: longest answer span (tokens) predict and eval consider
     c.task.qa_impossible = "drop"  # qa: an answer cut off by seq_len: drop the example or mark it unanswerable
+
+    # Lightweight fine-tuning (jaxlm/peft.py): a frozen base (config.checkpoint.init_from) and a small
+    # trainable tree. method: none or a comma-separated combination of PEFT_METHODS, e.g. 'lora,bitfit'.
+    c.peft = ml_collections.ConfigDict()
+    c.peft.method = "none"
+    c.peft.targets = "attn/(query|value)"  # regexes over parameter paths (comma-separated) that LoRA/DoRA/IA3 adapt
+    c.peft.rank = 8  # LoRA/DoRA rank r
+    c.peft.alpha = 16.0  # LoRA/DoRA scale alpha / r
+    c.peft.dropout = 0.0  # dropout on the LoRA/DoRA input (training only)
+    c.peft.adapter_dim = 64  # bottleneck adapters: hidden size
+    c.peft.adapter_kind = "houlsby"  # houlsby: after attention and MLP; pfeiffer: after the MLP only
+    c.peft.num_virtual_tokens = 20  # prefix / prompt tuning
+    c.peft.trainable = "head/|pooler/"  # extra regexes over parameter paths kept trainable (the task head)
+    c.peft.init_scale = 0.01  # std of LoRA A (B starts at zero, so the adapted model starts as the base)
 
     # Text GANs (jaxlm/main/gan.py runs them when mode != 'none'; configs/seqgan.py documents them).
     c.gan = ml_collections.ConfigDict()
@@ -605,6 +625,27 @@ class DecodeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PeftConfig:
+    """Lightweight fine-tuning: which methods, what they adapt and what else trains (see base_config())."""
+
+    method: str
+    targets: str
+    rank: int
+    alpha: float
+    dropout: float
+    adapter_dim: int
+    adapter_kind: str
+    num_virtual_tokens: int
+    trainable: str
+    init_scale: float
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """``method`` split on commas, without 'none' (empty: no PEFT)."""
+        return tuple(m.strip() for m in self.method.split(",") if m.strip() and m.strip() != "none")
+
+
+@dataclasses.dataclass(frozen=True)
 class TaskConfig:
     """Fine-tuning task: which head, its labels and the task's data options."""
 
@@ -685,6 +726,7 @@ class Config:
     decode: DecodeConfig
     task: TaskConfig
     gan: GanConfig
+    peft: PeftConfig
 
 
 def _to_dataclass(cls: type, value: Any, path: str) -> Any:
@@ -915,6 +957,7 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Config:
         want = OBJECTIVE_HEADS[d.objective]
         ok = tk.head == want or (want == "classification" and tk.head == "regression")
         _check(ok, f"config.task.head={tk.head!r} does not fit config.data.objective={d.objective!r}; use auto")
+    _validate_peft(cfg)
     _validate_gan(cfg)
     return _resolve_cadence(cfg)
 
@@ -989,6 +1032,32 @@ def _validate_gan(cfg: Config) -> None:
         g.generator != "transformer" or cfg.model.kind == "decoder_only",
         "config.gan.generator='transformer' is config.model's decoder-only model; set config.model.kind=decoder_only",
     )
+
+
+def _validate_peft(cfg: Config) -> None:
+    p = cfg.peft
+    names = [n.strip() for n in p.method.split(",") if n.strip()]
+    _check(bool(names), "config.peft.method is empty; use none or a combination of: " + ", ".join(PEFT_METHODS))
+    for name in names:
+        _check(
+            name in PEFT_METHODS or (name == "none" and len(names) == 1),
+            f"config.peft.method={p.method!r}: {name!r} is not one of: none, {', '.join(PEFT_METHODS)} "
+            "(combine with commas, e.g. lora,bitfit)",
+        )
+    _check(len(set(names)) == len(names), f"config.peft.method={p.method!r} names a method twice")
+    _check(not {"lora", "dora"} <= set(names), "config.peft.method combines lora and dora; dora already includes lora")
+    _check(p.rank > 0, f"config.peft.rank={p.rank} must be > 0")
+    _check(math.isfinite(p.alpha) and p.alpha > 0, f"config.peft.alpha={p.alpha} must be > 0")
+    _check(0.0 <= p.dropout < 1.0, f"config.peft.dropout={p.dropout} must be in [0, 1)")
+    _check(p.adapter_dim > 0, f"config.peft.adapter_dim={p.adapter_dim} must be > 0")
+    _check(p.num_virtual_tokens > 0, f"config.peft.num_virtual_tokens={p.num_virtual_tokens} must be > 0")
+    _check(math.isfinite(p.init_scale) and p.init_scale >= 0, "config.peft.init_scale must be >= 0")
+    for field in ("targets", "trainable"):
+        for pattern in (x.strip() for x in getattr(p, field).split(",") if x.strip()):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"config.peft.{field}: {pattern!r} is not a regular expression ({e})") from None
 
 
 def task_head(cfg: Config) -> str:

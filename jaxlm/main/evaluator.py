@@ -39,7 +39,9 @@ def make_eval_fn(exp: experiment.Experiment) -> Callable[..., Any]:
     """The jitted eval step of the experiment's objective on its parameter shardings."""
     objective = objectives.get(exp.config.data.objective)
     fn = functools.partial(lm.eval_step, model=exp.model, evaluate=objective.evaluate, **eval_options(exp.config))
-    return jax.jit(fn, in_shardings=(exp.state_shardings.params, None))
+    # A PEFT run evaluates the full parameters (base + deltas), sharded like the base.
+    params = exp.state_shardings.params if exp.base_shardings is None else exp.base_shardings
+    return jax.jit(fn, in_shardings=(params, None))
 
 
 def _one_pass(config: Config, source: Any, tokenizer: Tokenizer, rows: int, data: task_data.TaskData) -> Iterator:

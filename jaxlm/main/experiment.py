@@ -19,7 +19,7 @@ import jax
 import optax
 from jax.sharding import Mesh
 
-from jaxlm import hardware, models, optim, sharding
+from jaxlm import hardware, models, optim, peft, sharding
 from jaxlm.common_types import ConfigError
 from jaxlm.config_lib import Config, ModelConfig
 from jaxlm.data import objectives_t5, pipeline
@@ -42,6 +42,10 @@ class Experiment:
     rules: sharding.Rules
     abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
     state_shardings: TrainState
+    # Lightweight fine-tuning (config.peft): the state holds only the trainable tree; the frozen
+    # base parameters travel beside it with these shapes and shardings (None otherwise).
+    abstract_base: Any = None
+    base_shardings: Any = None
 
 
 def enable_compile_cache(directory: str) -> str | None:
@@ -107,7 +111,16 @@ def build(config: Config, vocab_size: int, *, num_steps: int | None = None, num_
     boxed = jax.eval_shape(init_boxed, jax.random.key(0))
     param_specs = sharding.logical_specs(boxed)
     abstract_params = nn.unbox(boxed)
-    abstract_state = jax.eval_shape(lambda p: TrainState.create(p, tx), abstract_params)
+    abstract_base = base_shardings = None
+    if peft.enabled(config.peft):
+        base_shardings = sharding.logical_to_sharding(param_specs, mesh, rules)
+        abstract_base = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, base_shardings
+        )
+        trainable = jax.eval_shape(lambda p: peft.init(jax.random.key(0), p, config.peft), abstract_params)
+        abstract_state = jax.eval_shape(lambda p: TrainState.create(p, tx), trainable)
+    else:
+        abstract_state = jax.eval_shape(lambda p: TrainState.create(p, tx), abstract_params)
     # Optimizer moments mirror the parameters; scalars (counts) are replicated.
     state_specs = _state_specs(abstract_state, abstract_params, param_specs)
     state_shardings = sharding.logical_to_sharding(state_specs, mesh, rules)
@@ -115,7 +128,9 @@ def build(config: Config, vocab_size: int, *, num_steps: int | None = None, num_
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings
     )
-    return Experiment(config, model_cfg, model, tx, mesh, rules, abstract_state, state_shardings)
+    return Experiment(
+        config, model_cfg, model, tx, mesh, rules, abstract_state, state_shardings, abstract_base, base_shardings
+    )
 
 
 def _state_specs(abstract_state: TrainState, abstract_params: Any, param_specs: Any) -> TrainState:
@@ -177,6 +192,38 @@ def init_state(exp: Experiment, seed: int) -> TrainState:
         return jax.jit(init, out_shardings=exp.state_shardings)(jax.random.key(seed))
 
 
+def init_params(exp: Experiment, seed: int) -> Any:
+    """Only the model's parameters, directly into their shardings (a PEFT run's base before ``init_from``)."""
+
+    def init(rng: jax.Array) -> Any:
+        args = example_args(exp.model_cfg, exp.config.data.seq_len, exp.config.data.objective)
+        return nn.unbox(exp.model.init({"params": rng}, *args)["params"])
+
+    with jax.set_mesh(exp.mesh), nn.logical_axis_rules(exp.rules):
+        return jax.jit(init, out_shardings=exp.base_shardings)(jax.random.key(seed))
+
+
+def init_peft_state(exp: Experiment, base: Any, seed: int) -> TrainState:
+    """A PEFT run's fresh state: the trainable tree of ``base`` (``jaxlm.peft.init``) and its optimizer state."""
+
+    def init(b: Any, rng: jax.Array) -> TrainState:
+        return TrainState.create(peft.init(rng, b, exp.config.peft), exp.tx)
+
+    with jax.set_mesh(exp.mesh), nn.logical_axis_rules(exp.rules):
+        return jax.jit(init, in_shardings=(exp.base_shardings, None), out_shardings=exp.state_shardings)(
+            base, jax.random.key(seed + 2)
+        )
+
+
+def effective_params_fn(exp: Experiment) -> Callable[[Any, Any], Any]:
+    """Jitted ``(base, trainable) -> full parameters`` (deterministic), sharded like the base: for evaluation."""
+    return jax.jit(
+        lambda b, t: peft.effective_params(b, t, exp.config.peft),
+        in_shardings=(exp.base_shardings, exp.state_shardings.params),
+        out_shardings=exp.base_shardings,
+    )
+
+
 def train_step_fn(exp: Experiment) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """``steps.lm.train_step`` bound to the experiment's model, optimizer, objective and config."""
     return functools.partial(
@@ -186,7 +233,12 @@ def train_step_fn(exp: Experiment) -> Callable[..., tuple[TrainState, dict[str, 
         grad_accum_steps=exp.config.optim.grad_accum_steps,
         objective=objectives.get(exp.config.data.objective).loss,
         cond_update=hardware.cpu_auto(exp.config.train.cond_update, "cond_update"),
+        assemble=(functools.partial(_assemble, cfg=exp.config.peft) if exp.abstract_base is not None else None),
     )
+
+
+def _assemble(base: Any, trainable: Any, rng: jax.Array, *, cfg: Any) -> Any:
+    return peft.effective_params(base, trainable, cfg, rng)
 
 
 def param_count(abstract_params: Any) -> int:

@@ -15,8 +15,10 @@ from typing import Any, TextIO
 
 import flax.linen as nn
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
-from jaxlm import checkpoint, hardware, optim, sharding
+from jaxlm import checkpoint, hardware, optim, peft, sharding
 from jaxlm.common_types import ConfigError
 from jaxlm.config_lib import Config
 from jaxlm.data import hosts, pipeline, sources
@@ -66,6 +68,31 @@ def global_batch_spec(ds: Any, global_batch: int, exp: experiment.Experiment) ->
             shape, value.dtype, sharding=sharding.batch_sharding(exp.mesh, exp.rules, value.ndim)
         )
     return out
+
+
+def _peft_base(exp: experiment.Experiment, config: Config, stream: TextIO | None) -> tuple[Any, dict]:
+    """The frozen base of a PEFT run (init, then init_from's parameters) and its reference (hash)."""
+    base = experiment.init_params(exp, config.seed)
+    step = None
+    if config.checkpoint.init_from:
+        base, report = init_from.load(config.checkpoint.init_from, base)
+        step = report.step
+        if stream is not None:
+            print(report.summary(), file=stream, flush=True)
+    fetch = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))  # noqa: E731
+    ref = peft.base_reference(base, config.peft, init_from=config.checkpoint.init_from, step=step, fetch=fetch)
+    return base, ref
+
+
+def peft_summary(exp: experiment.Experiment) -> str:
+    """Trainable / total parameters and optimizer-state bytes of a PEFT run (one line)."""
+    trainable = peft.count(exp.abstract_state.params)
+    total = peft.count(exp.abstract_base)
+    opt = peft.nbytes(exp.abstract_state.opt_state)
+    return (
+        f"peft {exp.config.peft.method}: {trainable:,} trainable of {total:,} params "
+        f"({100 * trainable / max(total, 1):.3f}%), optimizer state {opt:,} bytes"
+    )
 
 
 def run(config: Config, workdir: str, *, stop_at: int | None = None, stream: TextIO | None = None) -> dict[str, Any]:
@@ -128,6 +155,11 @@ def _run(config: Config, workdir: str, *, stop_at: int | None, stream: TextIO | 
 
     # ---- State: restore the latest checkpoint (it takes precedence over init_from), else
     # initialize directly sharded, then load init_from's parameters by path.
+    # PEFT (config.peft): the frozen base comes from init_from (else the seed's init) on every
+    # start; the state holds only the trainable tree, and its checkpoints name the base by hash.
+    base = base_ref = None
+    if exp.abstract_base is not None:
+        base, base_ref = _peft_base(exp, config, stream if lead else None)
     manager = checkpoint.make_manager(workdir, config.checkpoint)
     restored = checkpoint.restore_latest_good(
         manager, exp.abstract_state, log=lambda m: print(m, file=sys.stderr, flush=True)
@@ -137,7 +169,15 @@ def _run(config: Config, workdir: str, *, stop_at: int | None, stream: TextIO | 
         data_iter = _data_iterator(build_shard, data_state_lib.num_shards(saved_data, config.data.num_shards), config)
         if saved_data:
             data_iter.set_state(saved_data)
+        if base_ref is not None:
+            peft.check_base_reference(workdir, base_ref)
         print(f"resumed from {workdir} at step {start}", file=stream, flush=True)
+    elif base is not None:
+        start = 0
+        state = experiment.init_peft_state(exp, base, config.seed)
+        if lead:
+            peft.write_base_reference(workdir, base_ref)
+        data_iter = _data_iterator(build_shard, data_state_lib.num_shards(None, config.data.num_shards), config)
     else:
         start = 0
         state = experiment.init_state(exp, config.seed)
@@ -160,15 +200,22 @@ def _run(config: Config, workdir: str, *, stop_at: int | None, stream: TextIO | 
     eval_fn = evaluator.make_eval_fn(exp)
     experiment.enable_compile_cache(config.train.compile_cache_dir)
     t0 = time.perf_counter()
+    # A PEFT step also takes the frozen base (sharded like parameters, never donated).
+    frozen = () if base is None else (base,)
     with jax.set_mesh(exp.mesh), nn.logical_axis_rules(exp.rules):
         train_step = (
             jax.jit(
                 step_fn,
                 donate_argnums=0,
-                in_shardings=(exp.state_shardings, batch_shardings, repl),
+                in_shardings=(exp.state_shardings, batch_shardings, repl) + ((exp.base_shardings,) if frozen else ()),
                 out_shardings=(exp.state_shardings, repl),
             )
-            .lower(exp.abstract_state, abstract_batch, jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=repl))
+            .lower(
+                exp.abstract_state,
+                abstract_batch,
+                jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=repl),
+                *((exp.abstract_base,) if frozen else ()),
+            )
             .compile()
         )
     compile_s = time.perf_counter() - t0
@@ -188,6 +235,9 @@ def _run(config: Config, workdir: str, *, stop_at: int | None, stream: TextIO | 
         n_params = experiment.param_count(exp.abstract_state.params)
         print(
             f"training {config.model.kind} on {config.data.objective}: {n_params:,} params, "
+        if base is not None:
+            print(peft_summary(exp), file=stream, flush=True)
+            n_params = experiment.param_count(exp.abstract_base)
             f"{exp.mesh.size} devices {dict(exp.mesh.shape)}, steps {start}->{end}, compile {compile_s:.1f}s, "
             + (
                 f"MFU vs {peak:.3g} FLOP/s per device"
@@ -206,13 +256,16 @@ def _run(config: Config, workdir: str, *, stop_at: int | None, stream: TextIO | 
 
     def evaluate() -> dict[str, Any]:
         return evaluator.evaluate(
-            exp, state.params, split_sources["validation"], tokenizer, eval_fn, max_steps=config.train.eval_steps
+    effective = None if base is None else experiment.effective_params_fn(exp)
+
+            exp, params, split_sources["validation"], tokenizer, eval_fn, max_steps=config.train.eval_steps
+        params = state.params if base is None else effective(base, state.params)
         )
 
     with jax.set_mesh(exp.mesh), nn.logical_axis_rules(exp.rules):
         while step < end:
             batch = sharding.host_to_global(next(data_iter), exp.mesh, exp.rules)
-            state, metrics = train_step(state, batch, rng)
+            state, metrics = train_step(state, batch, rng, *frozen)
             interval.add(metrics)
             step += 1
             progress.update(1)

@@ -56,7 +56,7 @@ def uses_grad_barrier(cfg: ModelConfig) -> bool:
     ``auto`` is on for the CPU backend only, where the recomputation it prevents was measured (see
     :mod:`jaxlm.nn.barrier`).
     """
-    return hardware.cpu_auto(cfg.grad_barrier)
+    return hardware.cpu_auto(cfg.grad_barrier, "grad_barrier")
 
 
 def dtypes(cfg: ModelConfig) -> tuple[Any, Any]:
@@ -174,7 +174,7 @@ class TransformerBlock(nn.Module):
             out_init_std=out_std,
             dtype=dt,
             param_dtype=pdt,
-            fuse_projections=hardware.cpu_auto(cfg.fuse_qkv),
+            fuse_projections=hardware.cpu_auto(cfg.fuse_qkv, "fuse_qkv"),
         )
 
         def sublayer(x: jnp.ndarray, name: str, fn: Any) -> jnp.ndarray:

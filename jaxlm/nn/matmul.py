@@ -11,17 +11,29 @@ for float32 parameters). With ``dtype=float32`` the result equals autodiff's up 
 
 The residuals are the ``dtype`` copies of the operands, so a bf16 model also keeps half the
 activation memory for its backward pass.
+
+Operand dtype by CPU (``model.matmul_dtype``, :func:`set_operand_setting`): ``auto`` (the
+default) keeps a bfloat16 request where the hardware multiplies bf16 natively (GPU, TPU, CPUs
+with ``avx512_bf16`` or AMX) and turns it into float32 operands on CPUs without bf16 dot
+instructions (AVX2, plain AVX-512), where XLA:CPU's bf16 matmuls run at ~0.7x its float32 ones
+(bench/README.md); activations stay bf16 between the matmuls. ``compute`` always uses the
+requested dtype, ``float32`` always float32.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from jaxlm import hardware
+
 F32 = jnp.float32
+OPERAND_SETTINGS = ("auto", "compute", "float32")
 
 
 def _parse(spec: str) -> tuple[str, str, str]:
@@ -81,4 +93,29 @@ def einsum(spec: str, x: jnp.ndarray, y: jnp.ndarray, dtype: Any = F32) -> jnp.n
     operand's indices appear in the output or in the other operand.
     """
     _parse(spec)
-    return _einsum(spec, x, y, jnp.dtype(dtype))
+    return _einsum(spec, x, y, hardware.matmul_operand_dtype(_operand_setting, dtype))
+
+
+# ``model.matmul_dtype``: which operand dtype a ``dtype`` request becomes (hardware.matmul_operand_dtype).
+# One setting per process, like the compiled programs it shapes: the entry point sets it from the
+# config (jaxlm.main.experiment.build) before anything is traced; ``operand_setting`` scopes it.
+_operand_setting = "auto"
+
+
+def set_operand_setting(setting: str) -> None:
+    """Set ``model.matmul_dtype`` (``auto``, ``compute`` or ``float32``) for the matmuls traced from now on."""
+    global _operand_setting
+    if setting not in OPERAND_SETTINGS:
+        raise ValueError(f"matmul operand setting {setting!r} is not one of: {', '.join(OPERAND_SETTINGS)}")
+    _operand_setting = setting
+
+
+@contextlib.contextmanager
+def operand_setting(setting: str) -> Iterator[None]:
+    """Trace the matmuls inside the ``with`` block under ``setting`` (see :func:`set_operand_setting`)."""
+    previous = _operand_setting
+    set_operand_setting(setting)
+    try:
+        yield
+    finally:
+        set_operand_setting(previous)

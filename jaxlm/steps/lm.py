@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -13,6 +14,8 @@ from jaxlm.steps import objectives
 from jaxlm.train_state import TrainState
 
 Batch = dict[str, jax.Array]
+# (frozen base, trainable tree, rng) -> the full parameters the model is applied with (jaxlm.peft).
+Assemble = Callable[[Any, Any, jax.Array], Any]
 
 
 def loss_fn(
@@ -32,14 +35,21 @@ def train_step(
     state: TrainState,
     batch: Batch,
     rng: jax.Array,
+    frozen: Any = None,
     *,
     model: nn.Module,
     tx: optax.GradientTransformation,
     grad_accum_steps: int = 1,
     objective: objectives.LossFn = objectives.causal_lm,
     cond_update: bool = False,
+    assemble: Assemble | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on a global batch; returns the new state and metrics.
+
+    Lightweight fine-tuning (``jaxlm.peft``): ``state.params`` is then only the trainable tree,
+    ``frozen`` the frozen base parameters, and the model is applied to
+    ``assemble(frozen, state.params, rng)``; only the trainable tree is differentiated, so the
+    base has neither gradients nor optimizer state.
 
     With ``grad_accum_steps > 1`` the batch is split into that many micro-batches whose
     gradient sums are accumulated with ``lax.scan`` before one update, so a large global
@@ -55,7 +65,16 @@ def train_step(
     per step at ``baby``); on a GPU a conditional sends its predicate to the host.
     """
     step_rng = jax.random.fold_in(rng, state.step)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if assemble is None:
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    else:
+
+        def peft_loss(trainable: Any, micro_batch: Batch, micro_rng: jax.Array, **kw: Any) -> tuple:
+            # A separate stream for the PEFT transform's own randomness (LoRA dropout).
+            full = assemble(frozen, trainable, jax.random.fold_in(micro_rng, 0x5EF7))
+            return loss_fn(full, micro_batch, micro_rng, **kw)
+
+        grad_fn = jax.value_and_grad(peft_loss, has_aux=True)
 
     def micro(params: Any, micro_batch: Batch, micro_rng: jax.Array) -> tuple:
         (loss_sum, weight_sum), grads = grad_fn(

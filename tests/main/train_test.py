@@ -147,6 +147,10 @@ def test_mfu_is_logged_against_the_device_peak_and_left_out_for_an_unknown_devic
     metrics = train.run(cfg, str(tmp_path / "known"), stream=out)
     expected = hardware.peak_flops(0.0, jax.devices()[0].device_kind, cfg.model.dtype)
     assert f"MFU vs {expected:.3g} FLOP/s per device" in out.getvalue()
+    # The first line names what the auto switches chose on this machine and why.
+    first = out.getvalue().splitlines()[0]
+    assert first.startswith(f"jaxlm train on CPU {hardware.cpu_info().isa}: grad_barrier "), first
+    assert "fuse_qkv" in first and "cond_update" in first and "matmul operands float32" in first
     assert 0 < metrics["mfu"] < 1
     monkeypatch.setattr(hardware, "DEVICE_KINDS", ())  # as on a device the table does not know
     out = io.StringIO()

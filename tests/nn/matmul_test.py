@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxlm import hardware
 from jaxlm.nn import matmul
 
 SPECS = {
@@ -72,13 +73,14 @@ def test_bfloat16_backward_matmuls_take_bfloat16_operands_and_accumulate_in_floa
     def loss(a, b):
         return jnp.sum(matmul.einsum(spec, a, b, jnp.bfloat16) * jnp.asarray(g, jnp.float32))
 
-    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x32, y32).jaxpr
+    with matmul.operand_setting("compute"):  # bf16 operands on any CPU (auto upcasts them on AVX2)
+        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x32, y32).jaxpr
+        dx, dy = jax.grad(loss, argnums=(0, 1))(x32, y32)
     dots = _dots(jaxpr)
     assert len(dots) == 3  # forward, and one per operand
     for eqn in dots:
         assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16, jnp.bfloat16]
         assert eqn.outvars[0].aval.dtype == jnp.float32
-    dx, dy = jax.grad(loss, argnums=(0, 1))(x32, y32)
     assert dx.dtype == dy.dtype == jnp.float32  # gradients in the operands' own dtype
     # Against float64 on the bf16-rounded operands: only the rounding of g to bf16 remains.
     bf = lambda v: np.asarray(jnp.asarray(v, jnp.bfloat16), np.float64)  # noqa: E731
@@ -119,3 +121,22 @@ def test_works_under_remat_and_jit_and_gives_the_same_gradients():
 def test_unsupported_specs_are_rejected(spec):
     with pytest.raises(ValueError):
         matmul.einsum(spec, jnp.ones((2, 3, 4)), jnp.ones((4, 5)))
+
+
+def test_operand_setting_picks_the_operand_dtype_by_cpu(monkeypatch):
+    x, y = jnp.ones((4, 8), jnp.bfloat16), jnp.ones((8, 3), jnp.bfloat16)
+
+    def operand_dtypes():
+        loss = lambda a, b: jnp.sum(matmul.einsum("td,dh->th", a, b, jnp.bfloat16))  # noqa: E731
+        dots = _dots(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, y).jaxpr)
+        return {v.aval.dtype for eqn in dots for v in eqn.invars}
+
+    avx2 = hardware.parse_cpuinfo("flags : avx avx2 fma", 2)
+    zen5 = hardware.parse_cpuinfo("flags : avx avx2 fma avx512f avx512_bf16", 2)
+    for cpu, auto in ((avx2, jnp.float32), (zen5, jnp.bfloat16)):
+        monkeypatch.setattr(hardware, "cpu_info", lambda cpu=cpu: cpu)
+        for setting, expected in (("auto", auto), ("compute", jnp.bfloat16), ("float32", jnp.float32)):
+            with matmul.operand_setting(setting):
+                assert operand_dtypes() == {jnp.dtype(expected)}, (cpu.isa, setting)
+    with pytest.raises(ValueError, match="not one of"):
+        matmul.set_operand_setting("bf16")
