@@ -233,11 +233,11 @@ def _run(config: Config, workdir: str, *, stop_at: int | None, stream: TextIO | 
     cadence = loop.Cadence.from_config(config, end)
     if lead:
         n_params = experiment.param_count(exp.abstract_state.params)
-        print(
-            f"training {config.model.kind} on {config.data.objective}: {n_params:,} params, "
         if base is not None:
             print(peft_summary(exp), file=stream, flush=True)
             n_params = experiment.param_count(exp.abstract_base)
+        print(
+            f"training {config.model.kind} on {config.data.objective}: {n_params:,} params, "
             f"{exp.mesh.size} devices {dict(exp.mesh.shape)}, steps {start}->{end}, compile {compile_s:.1f}s, "
             + (
                 f"MFU vs {peak:.3g} FLOP/s per device"
@@ -254,12 +254,12 @@ def _run(config: Config, workdir: str, *, stop_at: int | None, stream: TextIO | 
     last: dict[str, Any] = {}
     step = start
 
-    def evaluate() -> dict[str, Any]:
-        return evaluator.evaluate(
     effective = None if base is None else experiment.effective_params_fn(exp)
 
-            exp, params, split_sources["validation"], tokenizer, eval_fn, max_steps=config.train.eval_steps
+    def evaluate() -> dict[str, Any]:
         params = state.params if base is None else effective(base, state.params)
+        return evaluator.evaluate(
+            exp, params, split_sources["validation"], tokenizer, eval_fn, max_steps=config.train.eval_steps
         )
 
     with jax.set_mesh(exp.mesh), nn.logical_axis_rules(exp.rules):
