@@ -40,7 +40,7 @@ from jaxlm.common_types import CheckpointError, ConfigError, DataError
 from jaxlm.config_lib import Config
 from jaxlm.data import tokenizers, tokenizers_hf
 from jaxlm.interop import hf, hf_heads
-from jaxlm.main import experiment, restore
+from jaxlm.main import experiment, lock, restore
 from jaxlm.main import workdir as workdir_lib
 from jaxlm.train_state import TrainState
 
@@ -163,13 +163,20 @@ def run_from_hf(
         # onto any mesh as before.
         state = jax.tree.map(np.asarray, jax.device_get(state))
 
-    # ---- Write: config and tokenizer, then the checkpoint (whose presence marks a finished import).
-    workdir_lib.write_config(workdir, config)
-    tokenizer.save(workdir)
-    manager = checkpoint.make_manager(workdir, config.checkpoint)
-    checkpoint.save(manager, 0, state, None)
-    manager.wait_until_finished()
-    manager.close()
+    # ---- Write: config, tokenizer and checkpoint into a staging sibling, then rename it into
+    # place, so a kill at any moment leaves no workdir that eval, generate or train could take
+    # for a finished import (the next convert clears the leftover and starts again).
+    staging = _staging_dir(workdir)
+    try:
+        workdir_lib.write_config(staging, config)
+        tokenizer.save(staging)
+        manager = checkpoint.make_manager(staging, config.checkpoint)
+        checkpoint.save(manager, 0, state, None)
+        manager.wait_until_finished()
+        manager.close()
+        _move_into_place(staging, workdir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     head = f"{task.head.architecture}, {task.kind} head with {task.num_labels} outputs, " if task else ""
     print(
         f"imported {hf_config.get('model_type')} ({head}{experiment.param_count(exp.abstract_state.params):,} "
@@ -242,6 +249,52 @@ def _head_outputs(params: Mapping[str, Any]) -> int:
     """The output count of a task head's layer (the last axis of ``head/<layer>/kernel``)."""
     layers = list(params.get("head", {}).values())
     return int(np.shape(layers[0]["kernel"])[-1]) if layers else 0
+
+
+STAGING_MARK = ".converting-"
+
+
+def _staging_dir(workdir: str) -> str:
+    """A new empty ``.NAME.converting-PID`` beside ``workdir``, after removing those of dead converts."""
+    parent, name = os.path.split(workdir)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        for entry in os.listdir(parent):
+            prefix = f".{name}{STAGING_MARK}"
+            pid = entry[len(prefix) :]
+            if entry.startswith(prefix) and pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+        path = os.path.join(parent, f".{name}{STAGING_MARK}{os.getpid()}")
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path)
+    except OSError as e:
+        raise CheckpointError(lock.writable_dir_message(f"--workdir {workdir}", parent, e)) from None
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _move_into_place(staging: str, workdir: str) -> None:
+    """Rename ``staging`` to ``workdir`` (new or empty); into an existing one, move the checkpoints last."""
+    if os.path.isdir(workdir) and not os.listdir(workdir):
+        os.rmdir(workdir)
+    if not os.path.exists(workdir):
+        os.rename(staging, workdir)
+        return
+    names = sorted(os.listdir(staging), key=lambda n: n == checkpoint.CHECKPOINT_DIR)  # the marker goes last
+    for entry in names:
+        target = os.path.join(workdir, entry)
+        if os.path.isdir(target) and not os.listdir(target):
+            os.rmdir(target)
+        os.replace(os.path.join(staging, entry), target)
 
 
 def _match_abstract(params: Any, abstract: Any) -> Any:

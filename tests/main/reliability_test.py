@@ -238,3 +238,30 @@ def test_sigterm_saves_the_current_step_and_exits_zero_then_resumes_exactly(text
     losses = lambda w: {r["step"]: r["loss"] for r in read_metrics(str(w)) if "loss" in r}  # noqa: E731
     a, b = losses(workdir), losses(tmp_path / "fresh")
     assert [a[s] for s in range(saved + 1, end + 1)] == [b[s] for s in range(saved + 1, end + 1)]
+
+
+def test_default_sentencepiece_vocab_is_capped_with_a_notice_and_an_explicit_one_is_an_error(tmp_path):
+    import io
+
+    from jaxlm.common_types import DataError
+    from jaxlm.data import sources, tokenizers_sp
+    from jaxlm.main import workdir as workdir_lib
+
+    c = config_lib.base_config()
+    c.data.tokenizer = "sentencepiece_bpe"
+    c.data.seq_len = 16
+    texts = sources.ListSource([f"line {i} of a small corpus with few distinct words\n" * 4 for i in range(10)])
+    notices = io.StringIO()
+    tok = workdir_lib.open_tokenizer(config_lib.validate(c), str(tmp_path), texts, stream=notices)
+    lines = notices.getvalue().strip().splitlines()
+    assert 7 < tok.vocab_size < tokenizers_sp.DEFAULT_VOCAB_SIZE
+    assert len(lines) == 1 and lines[0].startswith("notice: ") and f"using {tok.vocab_size}" in lines[0]
+    c.data.tokenizer_vocab_size = 8000  # said explicitly: not capped
+    with pytest.raises(
+        DataError, match=f"Vocabulary size too high \\(8000\\): the corpus supports at most {tok.vocab_size}"
+    ):
+        workdir_lib.open_tokenizer(config_lib.validate(c), str(tmp_path), texts)
+    c.data.tokenizer_vocab_size = 0
+    c.data.seq_len = c.model.max_len = 4096  # one row needs 4097 tokens: more than the corpus holds
+    with pytest.raises(DataError, match="fewer than one row of config.data.seq_len \\+ 1 = 4097 tokens"):
+        workdir_lib.open_tokenizer(config_lib.validate(c), str(tmp_path), texts)
