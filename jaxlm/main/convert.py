@@ -237,7 +237,8 @@ def run_to_hf(workdir: str, hf_dir: str, *, stream: TextIO | None = None) -> str
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(
-        f"exported step {step} of {workdir} to {out} as {hf_config['model_type']}"
+        f"exported step {step} of {workdir} to {out} as {hf_config['model_type']} "
+        f"({', '.join(hf_config.get('architectures', []))})"
         + ("" if wrote_tokenizer else f" (no tokenizer.json: the workdir's tokenizer is {tokenizer.name!r})"),
         file=stream,
         flush=True,
