@@ -65,7 +65,7 @@ def _one_pass(config: Config, source: Any, tokenizer: Tokenizer, rows: int, data
     return iter(ds)
 
 
-def _pad(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+def pad_batch(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
     """The batch with ``valid`` and, when short, zero rows (weight 0) up to ``rows``."""
     n = len(next(iter(batch.values())))
     out = {k: np.concatenate([v, np.zeros((rows - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
@@ -113,8 +113,8 @@ def evaluate(
             break
         if batch is None:  # this process is done, others are not: an all-padding batch
             batch = {k: v[:0] for k, v in template.items() if k != "valid"}
-        template = template or _pad(batch, rows)
-        step_pairs, step_outputs = eval_fn(params, sharding.host_to_global(_pad(batch, rows), exp.mesh, exp.rules))
+        template = template or pad_batch(batch, rows)
+        step_pairs, step_outputs = eval_fn(params, sharding.host_to_global(pad_batch(batch, rows), exp.mesh, exp.rules))
         pairs.append(jax.device_get(step_pairs))
         for k, v in step_outputs.items():
             outputs.setdefault(k, []).append(_gather(v))

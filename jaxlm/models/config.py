@@ -120,3 +120,25 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     n, attention_layers = _counts(cfg)
     attention = 12 * attention_layers * seq_len * cfg.num_heads * cfg.head_dim
     return float(6 * n + attention)
+
+
+def flops_per_example(cfg: ModelConfig, seq_len: int, targets_len: int = 0) -> float:
+    """Training FLOPs of one example (forward + backward): what MFU divides by for an encoder-decoder.
+
+    Other kinds: ``seq_len * flops_per_token``. An encoder-decoder reads ``seq_len`` input
+    tokens and ``targets_len`` target tokens, which differ (span corruption: 114 targets for
+    512 inputs), so per-token figures overstate it. Counted exactly as :func:`flops_per_token`
+    does (6 per matmul weight per token, 12 * T * D per token and attention sublayer):
+
+    * encoder, per input token: ``6 * L_enc * (attention + MLP) + 12 * L_enc * T * D``;
+    * decoder, per target token: ``6 * (L_dec * (2 * attention + MLP) + D*V)``
+      ``+ 12 * L_dec * (U + T) * D`` (self-attention over U targets, cross-attention over T inputs).
+    """
+    if cfg.kind != "encoder_decoder":
+        return seq_len * flops_per_token(cfg, seq_len)
+    u = targets_len or seq_len
+    l_dec, d = decoder_layers(cfg), cfg.num_heads * cfg.head_dim
+    encoder = 6 * cfg.num_layers * matmul_params_per_layer(cfg) + 12 * cfg.num_layers * seq_len * d
+    decoder = 6 * (l_dec * (2 * attention_params(cfg) + mlp_params(cfg)) + cfg.embed_dim * cfg.vocab_size)
+    decoder += 12 * l_dec * (u + seq_len) * d
+    return float(seq_len * encoder + u * decoder)

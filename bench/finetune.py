@@ -1,0 +1,93 @@
+"""Pre-training vs training from scratch on the built-in downstream tasks (figures only, never pass/fail).
+
+Pre-trains BERT (masked LM) and GPT (causal LM) on the built-in corpus, then fine-tunes each on
+every built-in task from the pre-trained workdir (``config.checkpoint.init_from``) and, with
+the same steps and settings, from a random initialization; prints the task metric, steps and
+wall time of both, and writes ``bench/results/finetune.json`` with the machine description.
+
+    python bench/finetune.py                       # size=small, the README table
+    python bench/finetune.py --size tiny --pretrain_steps 200 --finetune_steps 100   # quick look
+
+Runs go to ``runs/bench-finetune/`` (kept, so a rerun resumes rather than retrains).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+from jaxlm import config_lib  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+# task -> (metric reported, higher is better)
+TASKS = {
+    "code_topic": ("eval_accuracy", True),
+    "code_tokens": ("eval_f1", True),
+    "code_qa": ("eval_f1", True),
+    "code_summary": ("eval_rougeL", True),
+}
+MODELS = {"bert": ("code_topic", "code_tokens", "code_qa"), "gpt": ("code_topic", "code_tokens", "code_summary")}
+
+
+def _config(spec: str, overrides: dict[str, str]) -> config_lib.Config:
+    c = config_lib.load_config_file(os.path.join(ROOT, spec))
+    config_lib.apply_overrides(c, overrides)
+    return config_lib.validate(c)
+
+
+def _run(config: config_lib.Config, workdir: str) -> tuple[dict, float]:
+    from jaxlm.main import train
+
+    t0 = time.perf_counter()
+    out = train.run(config, workdir)
+    return out, time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="small", choices=("tiny", "small"))
+    p.add_argument("--pretrain_steps", type=int, default=0, help="0: the size preset's")
+    p.add_argument("--finetune_steps", type=int, default=300)
+    p.add_argument("--eval_steps", type=int, default=0, help="validation batches (0: the whole split)")
+    p.add_argument("--models", default="bert,gpt")
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "finetune.json"))
+    args = p.parse_args()
+    runs = os.path.join(ROOT, "runs", "bench-finetune", args.size)
+    base = {"train.progress": "false", "train.eval_every": "0"}
+    rows = []
+    for model in args.models.split(","):
+        pre_over = dict(base)
+        if args.pretrain_steps:
+            pre_over["train.num_steps"] = str(args.pretrain_steps)
+        pre_dir = os.path.join(runs, f"{model}-pretrain")
+        _, pre_s = _run(_config(f"configs/{model}.py:size={args.size}", pre_over), pre_dir)
+        for task in MODELS[model]:
+            metric, _ = TASKS[task]
+            spec = f"configs/finetune.py:task={task},model={model},size={args.size}"
+            over = base | {"train.num_steps": str(args.finetune_steps), "train.eval_steps": str(args.eval_steps)}
+            result = {"model": model, "task": task, "metric": metric, "steps": args.finetune_steps}
+            for start, extra in (("pretrained", {"checkpoint.init_from": pre_dir}), ("scratch", {})):
+                out, seconds = _run(_config(spec, over | extra), os.path.join(runs, f"{model}-{task}-{start}"))
+                result[start] = {"score": out.get(metric), "eval_loss": out.get("eval_loss"), "seconds": seconds}
+            result["pretrain_seconds"] = pre_s
+            rows.append(result)
+            pre, scr = result["pretrained"], result["scratch"]
+            print(
+                f"{model:4s} {task:13s} {metric:14s} pretrained {pre['score']:.4f} ({pre['seconds']:.0f}s)  "
+                f"scratch {scr['score']:.4f} ({scr['seconds']:.0f}s)  {args.finetune_steps} steps",
+                flush=True,
+            )
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"machine": common.machine(), "args": vars(args), "rows": rows}, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
