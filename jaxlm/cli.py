@@ -86,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--config", required=True, help="config file and argument, e.g. configs/gpt.py:size=small")
     info.set_defaults(workdir=None)
 
+    merge = sub.add_parser("merge", help="fold a PEFT run's LoRA/DoRA/IA3 into its base: an ordinary workdir")
+    merge.add_argument("--workdir", required=True, help="the PEFT run directory to read")
+    merge.add_argument("--out", required=True, help="the new run directory to write")
+
     conv = sub.add_parser(
         "convert",
         help="import a Hugging Face checkpoint into a workdir (--from hf DIR) or export one (--to hf DIR)",
@@ -189,6 +193,12 @@ def run(argv: Sequence[str]) -> int:
 
         names = plot.run(args.workdirs, args.out, metrics=[m for m in args.metrics.split(",") if m])
         print(f"wrote {args.out}: {', '.join(names)}")
+    elif args.command == "merge":
+        if overrides:
+            raise UserError("--config.* overrides do not apply to merge; it uses the workdir's config")
+        from jaxlm.main import merge
+
+        merge.run(args.workdir, args.out)
     elif args.command == "convert":
         from jaxlm.main import convert
 

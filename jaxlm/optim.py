@@ -14,7 +14,7 @@ from jaxlm.config_lib import OptimConfig
 # token, position and token-type embedding tables alike (as nanoGPT and GPT-2 do). Biases and
 # norm scales (leaves named below, or any 1-D leaf) are not decayed unless
 # config.optim.decay_norms_and_biases is set.
-NO_DECAY_NAMES = ("bias", "scale")
+NO_DECAY_NAMES = ("bias", "scale", "magnitude")  # magnitude: DoRA's column norms (jaxlm/peft.py)
 
 
 DECAYS: dict[str, Callable[[float, float, int], optax.Schedule]] = {

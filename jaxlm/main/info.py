@@ -9,7 +9,7 @@ from typing import Any, TextIO
 import flax.linen as nn
 import jax
 
-from jaxlm import models
+from jaxlm import models, optim, peft
 from jaxlm.config_lib import Config
 from jaxlm.data import tokenizers, tokenizers_sp
 from jaxlm.main import experiment
@@ -45,11 +45,18 @@ def describe(config: Config) -> dict[str, Any]:
         top = p["name"].split("/")
         key = "/".join(top[:2]) if top[0] == "blocks" else top[0]
         per_module[key] = per_module.get(key, 0) + math.prod(p["shape"])
+    # What trains (all parameters, or config.peft's trainable tree) and its optimizer state.
+    trainable = nn.unbox(boxed)
+    if peft.enabled(config.peft):
+        trainable = jax.eval_shape(lambda p: peft.init(jax.random.key(0), p, config.peft), trainable)
+    opt_state = jax.eval_shape(optim.make_optimizer(config.optim, config.train.num_steps).init, trainable)
     return {
         "model": cfg,
         "params": params,
         "per_module": per_module,
         "total": sum(per_module.values()),
+        "trainable": peft.count(trainable),
+        "optimizer_state_bytes": peft.nbytes(opt_state),
         "flops_per_token": model_config.flops_per_token(cfg, config.data.seq_len),
     }
 
@@ -65,6 +72,12 @@ def run(config: Config, *, stream: TextIO | None = None) -> dict[str, Any]:
         file=out,
     )
     print(f"parameters: {info['total']:,}", file=out)
+    print(
+        f"trainable: {info['trainable']:,} ({100 * info['trainable'] / max(info['total'], 1):.3f}%"
+        f"{', config.peft.method=' + config.peft.method if peft.enabled(config.peft) else ''}), "
+        f"optimizer state {info['optimizer_state_bytes']:,} bytes",
+        file=out,
+    )
     for name, count in info["per_module"].items():
         print(f"  {name:<40} {count:>14,}", file=out)
     print(
