@@ -224,3 +224,60 @@ def test_readers_need_no_lock_and_never_write_checkpoints(text_corpus, tmp_path,
         held.release()
     assert _tree(checkpoints) == before
     capsys.readouterr()
+
+
+_JOIN_AND_LOCK = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address="127.0.0.1:" + sys.argv[2], num_processes=2, process_id=int(sys.argv[1]))
+from jaxlm.common_types import UserError
+from jaxlm.main import lock
+try:
+    held = lock.acquire(sys.argv[3])
+except UserError as e:
+    print("refused:", e, flush=True)
+else:
+    print("held" if held.held else "not held", flush=True)
+    held.release()
+"""
+
+
+def _two_processes(workdir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _JOIN_AND_LOCK, str(i), port, workdir],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=240)[0].strip().splitlines()[-1])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    return outs
+
+
+@pytest.mark.slow
+def test_with_several_processes_process_0_takes_the_lock_and_all_stop_if_it_is_taken(tmp_path):
+    workdir = str(tmp_path / "w")
+    assert _two_processes(workdir) == ["held", "not held"]
+    taken = lock.acquire(workdir)  # another run holds it
+    try:
+        first, second = _two_processes(workdir)
+    finally:
+        taken.release()
+    assert first.startswith("refused:") and f"pid {os.getpid()}" in first
+    assert second.startswith("refused:") and "cannot be locked by process 0" in second
