@@ -40,7 +40,7 @@ from jaxlm.common_types import CheckpointError, ConfigError, DataError
 from jaxlm.config_lib import Config
 from jaxlm.data import tokenizers, tokenizers_hf
 from jaxlm.interop import hf, hf_heads
-from jaxlm.main import experiment, lock, restore
+from jaxlm.main import experiment, lock, restore, task_data
 from jaxlm.main import workdir as workdir_lib
 from jaxlm.train_state import TrainState
 
@@ -218,7 +218,13 @@ def run_to_hf(workdir: str, hf_dir: str, *, stream: TextIO | None = None) -> str
     params = jax.device_get(params)
     model = dataclasses.asdict(exp.model_cfg)
     if task is not None:  # the head's size is the trained one (num_labels may have come from the dataset)
-        task = hf.export_task(model, head_kind, _head_outputs(params), labels, config.task.pooling)
+        outputs = _head_outputs(params)
+        if not labels and head_kind in ("classification", "token_classification"):
+            # The dataset's own label names; plain class ids 0..N-1 stay Hugging Face's LABEL_i.
+            names = task_data.resolve(config).label_names
+            plain = tuple(str(i) for i in range(outputs))
+            labels = list(names) if len(names) == outputs and tuple(names) != plain else []
+        task = hf.export_task(model, head_kind, outputs, labels, config.task.pooling)
     hf_config = hf.hf_config_from_model(model, tokenizer.special_ids, task)
     state_dict = hf.params_to_hf(params, model, task)
 
