@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxlm import logical_axes as ax
+from jaxlm.common_types import ConfigError
 from jaxlm.config_lib import ModelConfig
 from jaxlm.models import heads
 from jaxlm.models.heads import HeadConfig
@@ -106,8 +107,11 @@ class DecoderOnly(nn.Module):
     ) -> dict[str, jnp.ndarray]:
         """The task head's outputs from the final hidden states ``x [B, T, D]`` (see :mod:`jaxlm.models.heads`)."""
         head = self.head
-        if decode:
-            raise ValueError("a DecoderOnly with a task head has no decode mode (it predicts no tokens)")
+        if decode:  # generation reaches here through the CLI: a one-line error, not a traceback
+            raise ConfigError(
+                f"config.task.head={head.kind!r}: a model with a task head predicts no tokens, so it has no "
+                "decode mode; use jaxlm predict"
+            )
         x = nn.with_logical_constraint(x, ACT)
         if head.sequence_level:
             # 'auto' on a decoder: the last real token, the only one that attended to the whole sequence.

@@ -208,7 +208,7 @@ def test_bad_head_configs_are_config_errors():
     with pytest.raises(ConfigError, match="attaches to decoder_only or encoder_only"):
         models.build(_cfg("encoder_decoder"), head=HeadConfig("classification", 2))
     model = models.build(_cfg("decoder_only"), head=HeadConfig("classification", 2))
-    with pytest.raises(ValueError, match="no decode mode"):
+    with pytest.raises(ConfigError, match="no decode mode; use jaxlm predict"):
         model.init(jax.random.key(0), TOKENS, decode=True)
 
 
