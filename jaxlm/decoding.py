@@ -102,3 +102,54 @@ def generate_uncached(forward_fn: ForwardFn, prompt: jnp.ndarray, *, max_new_tok
 
     buffer = jax.lax.fori_loop(0, max_new_tokens, body, buffer)
     return buffer[:, p:]
+
+
+def sample_by_cdf(logits: jnp.ndarray, rng: jax.Array, *, temperature: float = 1.0) -> jnp.ndarray:
+    """Draw one token per row of ``[B, V]`` logits by inverse-CDF sampling: one uniform per row.
+
+    The same distribution as :func:`sample` without filtering, but with one random number per
+    row instead of ``V`` Gumbel draws, which is what dominates sampling over a large vocabulary
+    for many rows on a CPU (GAN rollouts).
+    """
+    probs = jax.nn.softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    cdf = jnp.cumsum(probs, axis=-1)
+    u = jax.random.uniform(rng, logits.shape[:-1] + (1,)) * cdf[..., -1:]
+    return jnp.minimum(jnp.sum(cdf <= u, axis=-1), logits.shape[-1] - 1).astype(jnp.int32)
+
+
+def rollout(
+    step_fn: StepFn,
+    cache: Any,
+    tokens: jnp.ndarray,
+    start: jnp.ndarray,
+    rng: jax.Array,
+    *,
+    num_rollouts: int,
+    temperature: float = 1.0,
+) -> jnp.ndarray:
+    """Monte-Carlo completions of every proper prefix of ``tokens [B, T]`` (SeqGAN's rollouts).
+
+    Returns ``[T-1, R, B, T]`` (R = ``num_rollouts``): entry ``[t-1, r, b]`` keeps
+    ``tokens[b, :t]`` and samples positions ``t..T-1`` from the model, for ``t = 1..T-1``.
+    ``start [B]`` is the first input of each row (the start id). All ``(T-1)*R*B`` rows run in
+    one scan over the ``T`` positions through the model's cache, which must be sized for that
+    many rows; a row is teacher-forced while ``position < t`` and sampled after, so each model
+    call is one batched step (about twice the minimal work, for one compiled loop of fixed shape).
+    """
+    b, t = tokens.shape
+    copies = (t - 1) * num_rollouts
+    rows = copies * b
+    given = jnp.repeat(jnp.arange(1, t, dtype=jnp.int32), num_rollouts * b)  # row order (t, r, b)
+    forced = jnp.tile(tokens.astype(jnp.int32), (copies, 1))
+    first = jnp.tile(start.astype(jnp.int32), copies)
+
+    def body(carry: tuple, i: jax.Array) -> tuple[tuple, jax.Array]:
+        cache, previous, rng = carry
+        rng, step_rng = jax.random.split(rng)
+        logits, cache = step_fn(cache, previous[:, None], jnp.full((rows, 1), i, jnp.int32))
+        sampled = sample_by_cdf(logits[:, -1], step_rng, temperature=temperature)
+        token = jnp.where(i < given, jax.lax.dynamic_index_in_dim(forced, i, axis=1, keepdims=False), sampled)
+        return (cache, token, rng), token
+
+    _, out = jax.lax.scan(body, (cache, first, rng), jnp.arange(t, dtype=jnp.int32))
+    return out.T.reshape(t - 1, num_rollouts, b, t)
