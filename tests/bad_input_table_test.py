@@ -182,6 +182,15 @@ CASES = {
         ),
         "Vocabulary size too high (5000): the corpus supports at most",
     ),
+    "compile-cache-under-a-file": (
+        lambda w: [
+            "train",
+            *_base(w, w["tmp"] / "n56"),
+            "--config.train.num_steps=1",
+            f"--config.train.compile_cache_dir={w['tmp'] / 'a_file' / 'xla'}",
+        ],
+        "a_file/xla",
+    ),
     "workdir-in-use": (
         lambda w: ["train", *_base(w, w["tmp"] / "locked")],
         f"is in use by jaxlm train (pid {os.getpid()}",
