@@ -78,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="beam search: stop once beam_size beams finished (true) or when none can improve (false)",
     )
+    att = sub.add_parser("attention", help="attention heatmaps, entropy and distance per layer and head for a text")
+    common(att, config_required=False)
+    att.add_argument("--text", required=True, help="the text to read (the encoder input of an encoder-decoder)")
+    att.add_argument("--out", required=True, help="directory for the PNGs, index.html and attention_stats.json")
+    att.add_argument("--target", default=None, help="encoder-decoder: decoder text (default: its greedy output)")
+    att.add_argument(
+        "--max_new_tokens", type=int, default=32, help="encoder-decoder without --target: tokens to generate"
+    )
     plot = sub.add_parser("plot", help="draw loss, eval loss and logged metrics against step for one or more workdirs")
     plot.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="run directories (one line each)")
     plot.add_argument("--out", required=True, help="image file to write, e.g. curves.png (.pdf and .svg work too)")
@@ -186,6 +194,15 @@ def run(argv: Sequence[str]) -> int:
         for text in generate.run(config, args.workdir, args.prompt):
             print(text)
             print("-" * 40)
+    elif args.command == "attention":
+        config = load_config(args, overrides, required=False)
+        from jaxlm.main import attention
+
+        stats = attention.run(
+            config, args.workdir, args.text, args.out, target=args.target, max_new_tokens=args.max_new_tokens
+        )
+        count = sum(len(s["maps"]) for s in stats["stacks"].values())
+        print(f"wrote {count} heatmaps, {attention.INDEX_FILE} and {attention.STATS_FILE} to {args.out}")
     elif args.command == "plot":
         if overrides:
             raise UserError("jaxlm plot takes no --config.* overrides; it reads each workdir's metrics.jsonl")

@@ -61,6 +61,7 @@ class DecoderOnly(nn.Module):
         segment_ids: jnp.ndarray | None = None,
         deterministic: bool = True,
         decode: bool = False,
+        return_attention_weights: bool = False,
     ) -> jnp.ndarray | dict[str, jnp.ndarray]:
         """``[B, T] int -> [B, T, V]`` float32 logits (with a task head: its output dict).
 
@@ -73,6 +74,9 @@ class DecoderOnly(nn.Module):
           deterministic: disables dropout.
           decode: use and extend the key/value cache (see ``MultiHeadAttention``); the init
             call with ``decode=True`` sizes the cache by the input length.
+          return_attention_weights: every attention layer sows its ``[B, N, T, S]`` weights as
+            ``intermediates/blocks/.../attn/attention_weights`` (apply with
+            ``mutable=['intermediates']``); off, the computation is unchanged.
         """
         cfg = self.cfg
         dt, pdt = dtypes(cfg)
@@ -87,7 +91,7 @@ class DecoderOnly(nn.Module):
             slots = positions_like(tokens)
             seg_mask = masks.segment_mask(segment_ids, segment_ids) if segment_ids is not None else None
             mask = masks.combine(masks.causal_mask(slots, slots), seg_mask)
-        x = BlockStack(cfg, cfg.num_layers, causal=True, name="blocks")(
+        x = BlockStack(cfg, cfg.num_layers, causal=True, return_weights=return_attention_weights, name="blocks")(
             x, positions=q_pos, key_positions=k_pos, mask=mask, deterministic=deterministic, decode=decode
         )
         if cfg.pre_norm:

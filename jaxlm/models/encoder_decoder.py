@@ -93,14 +93,20 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jnp.ndarray, positions: jnp.ndarray, mask: jnp.ndarray, *, deterministic: bool
+        self,
+        x: jnp.ndarray,
+        positions: jnp.ndarray,
+        mask: jnp.ndarray,
+        *,
+        deterministic: bool,
+        return_weights: bool = False,
     ) -> jnp.ndarray:
         """Token embeddings ``[B, S, D]`` -> encoder output ``[B, S, D]``."""
         cfg = self.cfg
         x = add_positions(cfg, x, positions)
         x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ACT)
-        x = BlockStack(cfg, cfg.num_layers, causal=False, name="blocks")(
+        x = BlockStack(cfg, cfg.num_layers, causal=False, return_weights=return_weights, name="blocks")(
             x, positions=positions, mask=mask, deterministic=deterministic
         )
         if cfg.pre_norm:
@@ -125,6 +131,7 @@ class Decoder(nn.Module):
         *,
         deterministic: bool,
         decode: bool,
+        return_weights: bool = False,
     ) -> jnp.ndarray:
         """Target embeddings ``[B, T, D]`` -> decoder output ``[B, T, D]``."""
         cfg = self.cfg
@@ -132,7 +139,15 @@ class Decoder(nn.Module):
         x = add_positions(cfg, x, q_pos)
         x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ACT)
-        x = BlockStack(cfg, num_decoder_layers(cfg), causal=True, cross_attention=True, name="blocks")(
+        stack = BlockStack(
+            cfg,
+            num_decoder_layers(cfg),
+            causal=True,
+            cross_attention=True,
+            return_weights=return_weights,
+            name="blocks",
+        )
+        x = stack(
             x,
             positions=q_pos,
             key_positions=k_pos,
@@ -172,15 +187,25 @@ class EncoderDecoder(nn.Module):
         inputs_positions: jnp.ndarray | None = None,
         inputs_segment_ids: jnp.ndarray | None = None,
         deterministic: bool = True,
+        return_attention_weights: bool = False,
     ) -> jnp.ndarray:
-        """``inputs [B, S] int -> encoded [B, S, D]``; id 0 (or segment 0) is padding."""
+        """``inputs [B, S] int -> encoded [B, S, D]``; id 0 (or segment 0) is padding.
+
+        ``return_attention_weights`` sows every layer's weights into ``intermediates`` (see ``DecoderOnly``).
+        """
         if inputs_positions is None:
             inputs_positions = positions_like(inputs)
         if inputs_segment_ids is not None:
             mask = masks.segment_mask(inputs_segment_ids, inputs_segment_ids)
         else:  # mask padding keys only, as T5 does
             mask = _valid(inputs, None)[:, None, None, :]
-        return self.encoder(self.token_embed(inputs), inputs_positions, mask, deterministic=deterministic)
+        return self.encoder(
+            self.token_embed(inputs),
+            inputs_positions,
+            mask,
+            deterministic=deterministic,
+            return_weights=return_attention_weights,
+        )
 
     def decode(
         self,
@@ -193,6 +218,7 @@ class EncoderDecoder(nn.Module):
         targets_segment_ids: jnp.ndarray | None = None,
         deterministic: bool = True,
         decode: bool = False,
+        return_attention_weights: bool = False,
     ) -> jnp.ndarray:
         """Decoder logits ``[B, T, V]`` (float32) for ``targets_in [B, T]`` given ``encoded [B, S, D]``.
 
@@ -207,6 +233,8 @@ class EncoderDecoder(nn.Module):
             cross-attention stays within a segment. Ignored when decoding.
           deterministic: disables dropout.
           decode: use and extend the decoder's self-attention cache (``cache`` collection).
+          return_attention_weights: every self- and cross-attention layer sows its weights into
+            ``intermediates`` (apply with ``mutable=['intermediates']``); off, nothing changes.
         """
         cfg = self.cfg
         k_valid = _valid(inputs, inputs_segment_ids)
@@ -231,6 +259,7 @@ class EncoderDecoder(nn.Module):
             cross_mask,
             deterministic=deterministic,
             decode=decode,
+            return_weights=return_attention_weights,
         )
         if cfg.tie_embeddings:
             if cfg.position == "relative":  # T5 v1.0 rescales before its tied projection
@@ -251,6 +280,7 @@ class EncoderDecoder(nn.Module):
         targets_segment_ids: jnp.ndarray | None = None,
         deterministic: bool = True,
         decode: bool = False,
+        return_attention_weights: bool = False,
     ) -> jnp.ndarray:
         """``inputs [B, S]``, ``targets_in [B, T]`` -> logits ``[B, T, V]`` float32 (encode then decode)."""
         encoded = self.encode(
@@ -258,6 +288,7 @@ class EncoderDecoder(nn.Module):
             inputs_positions=inputs_positions,
             inputs_segment_ids=inputs_segment_ids,
             deterministic=deterministic,
+            return_attention_weights=return_attention_weights,
         )
         return self.decode(
             encoded,
@@ -268,4 +299,5 @@ class EncoderDecoder(nn.Module):
             targets_segment_ids=targets_segment_ids,
             deterministic=deterministic,
             decode=decode,
+            return_attention_weights=return_attention_weights,
         )

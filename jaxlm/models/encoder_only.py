@@ -141,6 +141,7 @@ class EncoderOnly(nn.Module):
         positions: jnp.ndarray | None = None,
         segment_ids: jnp.ndarray | None = None,
         deterministic: bool = True,
+        return_attention_weights: bool = False,
     ) -> dict[str, jnp.ndarray]:
         """Encode ``tokens [B, T]``.
 
@@ -151,6 +152,8 @@ class EncoderOnly(nn.Module):
           positions: ``[B, T]`` positions (default ``0..T-1``; packed sequences restart them).
           segment_ids: ``[B, T]`` packed-sequence ids, 0 = padding.
           deterministic: disables dropout.
+          return_attention_weights: every attention layer sows its ``[B, N, T, T]`` weights into
+            ``intermediates`` (apply with ``mutable=['intermediates']``); off, nothing changes.
 
         Returns:
           ``mlm_logits [B, T, V]`` (float32), ``nsp_logits [B, 2]`` (float32), ``pooled [B, D]``
@@ -172,7 +175,7 @@ class EncoderOnly(nn.Module):
         x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ACT)
 
-        x = BlockStack(cfg, cfg.num_layers, causal=False, name="blocks")(
+        x = BlockStack(cfg, cfg.num_layers, causal=False, return_weights=return_attention_weights, name="blocks")(
             x, positions=positions, mask=attention_mask(tokens, segment_ids), deterministic=deterministic
         )
         if cfg.pre_norm:

@@ -129,11 +129,13 @@ class TransformerBlock(nn.Module):
       cfg: the model config.
       num_layers: depth of the stack, for GPT-2's scaled init of the residual projections.
       cross_attention: add a cross-attention sublayer over ``encoded`` (encoder-decoder).
+      return_weights: sow the attention weights into ``intermediates`` (see ``MultiHeadAttention``).
     """
 
     cfg: ModelConfig
     num_layers: int
     cross_attention: bool = False
+    return_weights: bool = False
 
     @nn.compact
     def __call__(
@@ -203,12 +205,17 @@ class TransformerBlock(nn.Module):
                 deterministic=deterministic,
                 decode=decode,
                 positions=positions if rope else None,
+                return_weights=self.return_weights,
             ),
         )
         if self.cross_attention:
             cross_attn = MultiHeadAttention(name="cross_attn", **attention)
             x = sublayer(
-                x, "cross_attn", lambda h: cross_attn(h, encoded, mask=cross_mask, deterministic=deterministic)
+                x,
+                "cross_attn",
+                lambda h: cross_attn(
+                    h, encoded, mask=cross_mask, deterministic=deterministic, return_weights=self.return_weights
+                ),
             )
         mlp = Mlp(
             cfg.mlp_dim,
@@ -230,6 +237,7 @@ class _ScanBody(nn.Module):
     cfg: ModelConfig
     num_layers: int
     cross_attention: bool
+    return_weights: bool = False
 
     @nn.compact
     def __call__(
@@ -244,7 +252,9 @@ class _ScanBody(nn.Module):
         deterministic: bool,
         decode: bool,
     ) -> tuple[jnp.ndarray, None]:
-        block = TransformerBlock(self.cfg, self.num_layers, self.cross_attention, name="block")
+        block = TransformerBlock(
+            self.cfg, self.num_layers, self.cross_attention, return_weights=self.return_weights, name="block"
+        )
         return block(x, mask, bias, positions, encoded, cross_mask, deterministic, decode), None
 
 
@@ -256,6 +266,8 @@ class BlockStack(nn.Module):
       num_layers: number of blocks.
       causal: a decoder stack: the T5 bias is unidirectional (``bidirectional=False``).
       cross_attention: blocks attend to an encoder output.
+      return_weights: every attention sows its weights into ``intermediates`` (attention maps);
+        off, the computation is unchanged.
 
     The position bias module (``position='relative'``) is ``relative_bias`` in this stack.
     """
@@ -264,6 +276,7 @@ class BlockStack(nn.Module):
     num_layers: int
     causal: bool = True
     cross_attention: bool = False
+    return_weights: bool = False
 
     @nn.compact
     def __call__(
@@ -323,13 +336,17 @@ class BlockStack(nn.Module):
                 length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: ax.LAYERS},
             )
-            x, _ = scanned(cfg, self.num_layers, self.cross_attention, name="layers")(
-                x, None, *args, deterministic, decode
+            stack = scanned(
+                cfg, self.num_layers, self.cross_attention, return_weights=self.return_weights, name="layers"
             )
+            x, _ = stack(x, None, *args, deterministic, decode)
             return x
         block: Any = TransformerBlock
         if cfg.remat != "none":
             block = nn.remat(block, policy=policy, prevent_cse=True, static_argnums=(7, 8))
         for i in range(self.num_layers):
-            x = block(cfg, self.num_layers, self.cross_attention, name=f"layer_{i}")(x, *args, deterministic, decode)
+            layer = block(
+                cfg, self.num_layers, self.cross_attention, return_weights=self.return_weights, name=f"layer_{i}"
+            )
+            x = layer(x, *args, deterministic, decode)
         return x
