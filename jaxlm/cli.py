@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir")
     common(ev, config_required=False)
+    ev.add_argument(
+        "--lengths", default="", help="length extrapolation: comma-separated evaluation lengths, e.g. 128,256,512"
+    )
 
     gen = sub.add_parser("generate", help="sample text from the latest checkpoint of a workdir")
     common(gen, config_required=False)
@@ -127,6 +130,17 @@ def load_config(args: argparse.Namespace, overrides: dict[str, str], *, required
     return config_lib.validate(config)
 
 
+def _lengths(text: str) -> list[int]:
+    """``--lengths 128,256`` as integers; anything else is one line."""
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--lengths {text!r}: give comma-separated integers, e.g. --lengths 128,256,512") from None
+    if not lengths:
+        raise UserError("--lengths is empty; give comma-separated integers, e.g. --lengths 128,256,512")
+    return lengths
+
+
 def _maybe_init_distributed(args: argparse.Namespace) -> None:
     """Join the other processes: from the flags, else SLURM / TPU VM environments, else alone."""
     from jaxlm import distributed
@@ -166,7 +180,10 @@ def run(argv: Sequence[str]) -> int:
         config = load_config(args, overrides, required=False)
         from jaxlm.main import evaluate
 
-        evaluate.run(config, args.workdir)
+        if args.lengths:
+            evaluate.run_lengths(config, args.workdir, _lengths(args.lengths))
+        else:
+            evaluate.run(config, args.workdir)
     elif args.command == "generate":
         for flag in (
             "temperature",
