@@ -33,7 +33,8 @@ from jaxlm.common_types import ConfigError
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.kind": ("decoder_only", "encoder_only", "encoder_decoder", "rnn"),
     "model.position": ("learned", "sinusoidal", "relative", "rope", "alibi", "none"),
-    "model.attention": ("xla", "dot_product", "blockwise"),
+    "model.attention": ("xla", "dot_product", "blockwise", "ring"),
+    "model.rope_scaling": ("none", "linear", "ntk", "dynamic", "yarn", "llama3"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.activation": ("gelu", "gelu_exact", "relu", "silu", "swiglu", "geglu"),
     "model.rnn_cell": ("lstm", "gru"),
@@ -141,6 +142,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.relative_max_distance = 128
     c.model.rope_max_wavelength = 10_000.0
     c.model.rope_scale = 1.0  # position interpolation factor for longer context (> 1 stretches)
+    # RoPE context extension (jaxlm/nn/positions.py RopeScaling): none | linear | ntk | dynamic | yarn |
+    # llama3, by rope_scaling_factor. rope_scale > 1 with rope_scaling='none' still means linear.
+    c.model.rope_scaling = "none"
+    c.model.rope_scaling_factor = 1.0
+    c.model.rope_original_max_len = 0  # the training context length (yarn, llama3, dynamic); 0 = model.max_len
+    c.model.rope_yarn_beta_fast = 32.0
+    c.model.rope_yarn_beta_slow = 1.0
+    c.model.rope_yarn_attention_factor = 0.0  # 0 = YaRN's 0.1 ln(factor) + 1
+    c.model.rope_llama3_low_freq_factor = 1.0
+    c.model.rope_llama3_high_freq_factor = 4.0
+    # Sliding-window attention: 0 = full; (w,) every layer; (0, 128) a per-layer list cycled over the
+    # layers (here: global, local, global, ...). CLI: --config.model.attention_window=0,128
+    c.model.attention_window = (0,)
     c.model.rnn_cell = "lstm"  # kind='rnn': lstm or gru; uses embed_dim and mlp_dim as hidden size
 
     c.data = ml_collections.ConfigDict()
@@ -491,6 +505,15 @@ class ModelConfig:
     rope_max_wavelength: float
     rope_scale: float
     rnn_cell: str
+    rope_scaling: str
+    rope_scaling_factor: float
+    rope_original_max_len: int
+    rope_yarn_beta_fast: float
+    rope_yarn_beta_slow: float
+    rope_yarn_attention_factor: float
+    rope_llama3_low_freq_factor: float
+    rope_llama3_high_freq_factor: float
+    attention_window: tuple[int, ...]
 
     @property
     def head_dim(self) -> int:
@@ -827,6 +850,44 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Config:
             f"config.model.position='rope' needs an even head dim, but embed_dim/num_heads = {m.head_dim}",
         )
         _check(m.rope_scale > 0, "config.model.rope_scale must be > 0")
+        _check(
+            m.rope_scaling == "none" or m.rope_scale == 1.0,
+            f"config.model.rope_scale={m.rope_scale} and rope_scaling={m.rope_scaling!r} both rescale RoPE; "
+            "set rope_scaling_factor instead of rope_scale",
+        )
+        _check(m.rope_scaling_factor > 0, "config.model.rope_scaling_factor must be > 0")
+        _check(m.rope_original_max_len >= 0, "config.model.rope_original_max_len must be >= 0 (0 = model.max_len)")
+        _check(
+            m.rope_yarn_beta_fast > m.rope_yarn_beta_slow > 0,
+            "config.model.rope_yarn_beta_fast must exceed rope_yarn_beta_slow, both > 0",
+        )
+        _check(m.rope_yarn_attention_factor >= 0, "config.model.rope_yarn_attention_factor must be >= 0 (0 = default)")
+        _check(
+            m.rope_llama3_high_freq_factor > m.rope_llama3_low_freq_factor > 0,
+            "config.model.rope_llama3_high_freq_factor must exceed rope_llama3_low_freq_factor, both > 0",
+        )
+    windows = m.attention_window if isinstance(m.attention_window, (tuple, list)) else (m.attention_window,)
+    _check(
+        len(windows) > 0 and all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in windows),
+        f"config.model.attention_window={m.attention_window!r} must be integers >= 0 (0 = full), e.g. 128 or 0,128",
+    )
+    _check(
+        len(windows) <= m.num_layers,
+        f"config.model.attention_window has {len(windows)} entries but the model has {m.num_layers} layers",
+    )
+    _check(
+        all(w <= d.seq_len for w in windows),
+        f"config.model.attention_window={tuple(windows)} exceeds config.data.seq_len={d.seq_len} (a window that long "
+        "is full attention); use 0 for full attention or a smaller window",
+    )
+    if m.attention == "ring":
+        _check(m.kind != "rnn", "config.model.attention='ring' needs a Transformer, not kind='rnn'; use xla")
+        seq_devices = cfg.mesh.shape.get("sequence", 1) * cfg.mesh.dcn_shape.get("sequence", 1)
+        _check(
+            seq_devices < 1 or d.seq_len % seq_devices == 0,
+            f"config.data.seq_len={d.seq_len} must be a multiple of the {seq_devices} sequence devices "
+            "(config.mesh.shape.sequence) for model.attention='ring'",
+        )
     if m.position == "alibi":
         _check(
             m.kind == "decoder_only",

@@ -33,7 +33,7 @@ from jaxlm.common_types import ConfigError
 from jaxlm.config_lib import ModelConfig
 from jaxlm.models import heads
 from jaxlm.models.heads import HeadConfig
-from jaxlm.models.transformer import ACT, BlockStack, CachePositions, add_positions, dtypes, norm
+from jaxlm.models.transformer import ACT, BlockStack, CachePositions, add_positions, dtypes, is_tiled, norm
 from jaxlm.nn import masks
 from jaxlm.nn.dropout import Dropout
 from jaxlm.nn.embeddings import Embed, positions_like
@@ -87,7 +87,9 @@ class DecoderOnly(nn.Module):
         x = nn.with_logical_constraint(x, ACT)
 
         mask = None  # in decode mode the attention cache supplies the causal mask
-        if not decode:
+        if not decode and is_tiled(cfg):  # memory-linear: segments as vectors, causal as a flag
+            mask = None if segment_ids is None else masks.TokenMask(segment_ids, segment_ids)
+        elif not decode:
             slots = positions_like(tokens)
             seg_mask = masks.segment_mask(segment_ids, segment_ids) if segment_ids is not None else None
             mask = masks.combine(masks.causal_mask(slots, slots), seg_mask)

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 
 from jaxlm import logical_axes as ax
 from jaxlm.config_lib import ModelConfig
-from jaxlm.models.transformer import ACT, BlockStack, CachePositions, add_positions, dtypes, norm
+from jaxlm.models.transformer import ACT, BlockStack, CachePositions, add_positions, dtypes, is_tiled, norm
 from jaxlm.nn import masks
 from jaxlm.nn.dropout import Dropout
 from jaxlm.nn.embeddings import Embed, positions_like
@@ -195,7 +195,10 @@ class EncoderDecoder(nn.Module):
         """
         if inputs_positions is None:
             inputs_positions = positions_like(inputs)
-        if inputs_segment_ids is not None:
+        if is_tiled(self.cfg):  # memory-linear attention: the same masks as per-token vectors
+            seg = inputs_segment_ids
+            mask = masks.TokenMask(seg, seg) if seg is not None else masks.TokenMask(k_valid=_valid(inputs, None))
+        elif inputs_segment_ids is not None:
             mask = masks.segment_mask(inputs_segment_ids, inputs_segment_ids)
         else:  # mask padding keys only, as T5 does
             mask = _valid(inputs, None)[:, None, None, :]
@@ -241,6 +244,13 @@ class EncoderDecoder(nn.Module):
         if decode:
             mask = None  # the attention cache supplies the causal mask
             cross_mask = k_valid[:, None, None, :]
+        elif is_tiled(cfg):  # memory-linear: segments and key padding as vectors, causal as a flag
+            seg = targets_segment_ids
+            mask = None if seg is None else masks.TokenMask(seg, seg)
+            if seg is not None and inputs_segment_ids is not None:
+                cross_mask = masks.TokenMask(seg, inputs_segment_ids)
+            else:
+                cross_mask = masks.TokenMask(k_valid=k_valid)
         else:
             slots = positions_like(targets_in)
             seg = targets_segment_ids

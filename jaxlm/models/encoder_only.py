@@ -59,7 +59,7 @@ from jaxlm import logical_axes as ax
 from jaxlm.config_lib import ModelConfig
 from jaxlm.models import heads
 from jaxlm.models.heads import HeadConfig
-from jaxlm.models.transformer import ACT, BlockStack, add_positions, dtypes, norm
+from jaxlm.models.transformer import ACT, BlockStack, add_positions, dtypes, is_tiled, norm
 from jaxlm.nn import masks, matmul
 from jaxlm.nn.dropout import Dropout
 from jaxlm.nn.embeddings import Embed, positions_like
@@ -68,8 +68,17 @@ from jaxlm.nn.linears import DenseGeneral, activation
 PAD_ID = 0  # the padding id of every jaxlm tokenizer
 
 
-def attention_mask(tokens: jnp.ndarray, segment_ids: jnp.ndarray | None) -> jnp.ndarray:
-    """Bidirectional mask: ``[B, 1, T, T]`` within segments if given, else ``[B, 1, 1, T]`` non-pad keys."""
+def attention_mask(
+    tokens: jnp.ndarray, segment_ids: jnp.ndarray | None, *, vector: bool = False
+) -> jnp.ndarray | masks.TokenMask:
+    """Bidirectional mask: ``[B, 1, T, T]`` within segments if given, else ``[B, 1, 1, T]`` non-pad keys.
+
+    With ``vector`` (memory-linear attention) the same mask as a ``masks.TokenMask``.
+    """
+    if vector:
+        if segment_ids is not None:
+            return masks.TokenMask(segment_ids, segment_ids)
+        return masks.TokenMask(k_valid=tokens != PAD_ID)
     if segment_ids is not None:
         return masks.segment_mask(segment_ids, segment_ids)
     return (tokens != PAD_ID)[:, None, None, :]
@@ -176,7 +185,10 @@ class EncoderOnly(nn.Module):
         x = nn.with_logical_constraint(x, ACT)
 
         x = BlockStack(cfg, cfg.num_layers, causal=False, return_weights=return_attention_weights, name="blocks")(
-            x, positions=positions, mask=attention_mask(tokens, segment_ids), deterministic=deterministic
+            x,
+            positions=positions,
+            mask=attention_mask(tokens, segment_ids, vector=is_tiled(cfg)),
+            deterministic=deterministic,
         )
         if cfg.pre_norm:
             x = norm(cfg, "final_norm")(x)

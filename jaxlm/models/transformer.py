@@ -10,6 +10,16 @@
 * :class:`CachePositions`: query and key positions of self-attention, kept in the ``cache``
   collection during KV-cache decoding so that biases see the positions of the cached keys.
 * :func:`add_positions`: absolute (learned / sinusoidal) position encodings added to embeddings.
+* :func:`is_tiled`, :func:`layer_windows`, :func:`rope_scaling`: how ``config.model.attention``,
+  ``attention_window`` and ``rope_scaling`` reach the attention modules.
+
+Memory-linear attention (``config.model.attention`` in ``blockwise`` / ``ring``): models then
+describe masks as ``jaxlm.nn.masks.TokenMask`` (segment ids, key padding) plus the ``causal``
+flag, and the ALiBi / T5 bias as a ``jaxlm.nn.positions.PositionBias``; the attention evaluates
+both per tile, so no ``[T, S]`` array exists in the forward or backward pass. The ``xla`` and
+``dot_product`` paths build the dense ``[B, 1, T, S]`` masks and ``[., N, T, S]`` biases once per
+stack, as before. Sliding windows (``attention_window``) are passed per layer; mixed windows
+under ``scan_layers`` travel as a scanned array (a traced window).
 
 How ``config.model.position`` acts (``jaxlm.nn.positions.POSITION_ENCODINGS``): ``learned`` and
 ``sinusoidal`` are added to the token embeddings (sinusoidal also multiplies the token
@@ -33,13 +43,13 @@ from jaxlm import hardware
 from jaxlm import logical_axes as ax
 from jaxlm.config_lib import ModelConfig
 from jaxlm.models import config as model_config
-from jaxlm.nn.attention import MultiHeadAttention
+from jaxlm.nn.attention import TILED, MultiHeadAttention
 from jaxlm.nn.barrier import materialize_grad
 from jaxlm.nn.dropout import Dropout
 from jaxlm.nn.embeddings import LearnedPositions, SinusoidalPositions, positions_like
 from jaxlm.nn.linears import Mlp, residual_init_std
 from jaxlm.nn.normalization import make_norm
-from jaxlm.nn.positions import RelativePositionBias, alibi_bias
+from jaxlm.nn.positions import RelativePositionBias, RopeScaling, alibi, alibi_bias
 
 ACT = (ax.ACT_BATCH, ax.ACT_LENGTH, ax.ACT_EMBED)
 
@@ -57,6 +67,34 @@ def uses_grad_barrier(cfg: ModelConfig) -> bool:
     :mod:`jaxlm.nn.barrier`).
     """
     return hardware.cpu_auto(cfg.grad_barrier, "grad_barrier")
+
+
+def is_tiled(cfg: ModelConfig) -> bool:
+    """Whether the attention is memory-linear: masks and biases then stay in vector form."""
+    return cfg.attention in TILED
+
+
+def layer_windows(cfg: ModelConfig, num_layers: int) -> tuple[int, ...]:
+    """Sliding window of each layer: ``cfg.attention_window`` cycled over the layers (0 = full)."""
+    windows = cfg.attention_window if isinstance(cfg.attention_window, (tuple, list)) else (cfg.attention_window,)
+    windows = tuple(windows) or (0,)
+    return tuple(int(windows[i % len(windows)]) for i in range(num_layers))
+
+
+def rope_scaling(cfg: ModelConfig) -> RopeScaling | None:
+    """The RoPE context-extension method of ``cfg`` (None: plain RoPE, or ``rope_scale``'s linear interpolation)."""
+    if cfg.rope_scaling == "none":
+        return None
+    return RopeScaling(
+        method=cfg.rope_scaling,
+        factor=cfg.rope_scaling_factor,
+        original_max_len=cfg.rope_original_max_len or cfg.max_len,
+        beta_fast=cfg.rope_yarn_beta_fast,
+        beta_slow=cfg.rope_yarn_beta_slow,
+        attention_factor=cfg.rope_yarn_attention_factor,
+        low_freq_factor=cfg.rope_llama3_low_freq_factor,
+        high_freq_factor=cfg.rope_llama3_high_freq_factor,
+    )
 
 
 def dtypes(cfg: ModelConfig) -> tuple[Any, Any]:
@@ -129,12 +167,17 @@ class TransformerBlock(nn.Module):
       cfg: the model config.
       num_layers: depth of the stack, for GPT-2's scaled init of the residual projections.
       cross_attention: add a cross-attention sublayer over ``encoded`` (encoder-decoder).
+      causal: pass ``causal=True`` to self-attention (memory-linear decoders, whose mask holds
+        no causal part).
+      window: this layer's sliding window (0 = full).
       return_weights: sow the attention weights into ``intermediates`` (see ``MultiHeadAttention``).
     """
 
     cfg: ModelConfig
     num_layers: int
     cross_attention: bool = False
+    causal: bool = False
+    window: int = 0
     return_weights: bool = False
 
     @nn.compact
@@ -148,6 +191,7 @@ class TransformerBlock(nn.Module):
         cross_mask: jnp.ndarray | None,
         deterministic: bool,
         decode: bool,
+        window: jnp.ndarray | None = None,
     ) -> jnp.ndarray:
         """``[B, T, D] -> [B, T, D]``.
 
@@ -160,9 +204,11 @@ class TransformerBlock(nn.Module):
           cross_mask: cross-attention mask, broadcastable to ``[B, N, T, S]``.
           deterministic: disables dropout.
           decode: use and extend the self-attention key/value cache.
+          window: a traced sliding window overriding ``self.window`` (scanned mixed layers).
         """
         cfg = self.cfg
         dt, pdt = dtypes(cfg)
+        window = self.window if window is None else window
         out_std = residual_init_std(self.num_layers)
         rope = cfg.position == "rope"
         barrier = uses_grad_barrier(cfg)
@@ -192,6 +238,7 @@ class TransformerBlock(nn.Module):
         self_attn = MultiHeadAttention(
             rope_max_wavelength=cfg.rope_max_wavelength if rope else None,
             rope_scale=cfg.rope_scale,
+            rope_scaling=rope_scaling(cfg) if rope else None,
             name="attn",
             **attention,
         )
@@ -205,6 +252,8 @@ class TransformerBlock(nn.Module):
                 deterministic=deterministic,
                 decode=decode,
                 positions=positions if rope else None,
+                causal=self.causal,
+                window=window,
                 return_weights=self.return_weights,
             ),
         )
@@ -237,13 +286,15 @@ class _ScanBody(nn.Module):
     cfg: ModelConfig
     num_layers: int
     cross_attention: bool
+    causal: bool
+    window: int
     return_weights: bool = False
 
     @nn.compact
     def __call__(
         self,
         x: jnp.ndarray,
-        _: Any,
+        window: Any,
         mask: Any,
         bias: Any,
         positions: Any,
@@ -253,9 +304,15 @@ class _ScanBody(nn.Module):
         decode: bool,
     ) -> tuple[jnp.ndarray, None]:
         block = TransformerBlock(
-            self.cfg, self.num_layers, self.cross_attention, return_weights=self.return_weights, name="block"
+            self.cfg,
+            self.num_layers,
+            self.cross_attention,
+            self.causal,
+            self.window,
+            return_weights=self.return_weights,
+            name="block",
         )
-        return block(x, mask, bias, positions, encoded, cross_mask, deterministic, decode), None
+        return block(x, mask, bias, positions, encoded, cross_mask, deterministic, decode, window), None
 
 
 class BlockStack(nn.Module):
@@ -306,6 +363,9 @@ class BlockStack(nn.Module):
         """
         cfg = self.cfg
         key_positions = positions if key_positions is None else key_positions
+        # Memory-linear attention (and the attention caches, which know their keys) take the bias
+        # unevaluated; the dense paths get it evaluated once for all layers.
+        vector_bias = is_tiled(cfg) or decode
         bias = None
         if cfg.position == "relative":
             bias = RelativePositionBias(
@@ -315,11 +375,15 @@ class BlockStack(nn.Module):
                 bidirectional=not self.causal,
                 dtype=jnp.float32,
                 param_dtype=dtypes(cfg)[1],
+                tiled=vector_bias,
                 name="relative_bias",
             )(positions, key_positions)
         elif cfg.position == "alibi":
-            bias = alibi_bias(positions, key_positions, cfg.num_heads)
+            alibi_fn = alibi if vector_bias else alibi_bias
+            bias = alibi_fn(positions, key_positions, cfg.num_heads)
         rope_positions = positions if cfg.position == "rope" else None
+        windows = layer_windows(cfg, self.num_layers)
+        causal_flag = self.causal and is_tiled(cfg)
         if cfg.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat {cfg.remat!r}; valid: {', '.join(REMAT_POLICIES)}")
         policy = REMAT_POLICIES[cfg.remat]
@@ -328,25 +392,40 @@ class BlockStack(nn.Module):
             body: Any = _ScanBody
             if cfg.remat != "none":
                 body = nn.remat(body, policy=policy, prevent_cse=False, static_argnums=(8, 9))
+            mixed = len(set(windows)) > 1  # one traced window per layer; else one static window for all
             scanned = nn.scan(
                 body,
                 variable_axes={"params": 0, "cache": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast,) * 8,
+                in_axes=(0 if mixed else nn.broadcast,) + (nn.broadcast,) * 7,
                 length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: ax.LAYERS},
             )
+            static_window = 0 if mixed else windows[0]
+            xs = jnp.asarray(windows, jnp.int32) if mixed else None
             stack = scanned(
-                cfg, self.num_layers, self.cross_attention, return_weights=self.return_weights, name="layers"
+                cfg,
+                self.num_layers,
+                self.cross_attention,
+                causal_flag,
+                static_window,
+                return_weights=self.return_weights,
+                name="layers",
             )
-            x, _ = stack(x, None, *args, deterministic, decode)
+            x, _ = stack(x, xs, *args, deterministic, decode)
             return x
         block: Any = TransformerBlock
         if cfg.remat != "none":
             block = nn.remat(block, policy=policy, prevent_cse=True, static_argnums=(7, 8))
         for i in range(self.num_layers):
             layer = block(
-                cfg, self.num_layers, self.cross_attention, return_weights=self.return_weights, name=f"layer_{i}"
+                cfg,
+                self.num_layers,
+                self.cross_attention,
+                causal_flag,
+                windows[i],
+                return_weights=self.return_weights,
+                name=f"layer_{i}",
             )
             x = layer(x, *args, deterministic, decode)
         return x

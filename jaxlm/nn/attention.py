@@ -298,8 +298,9 @@ class MultiHeadAttention(nn.Module):
     keeps no cache: its keys and values are recomputed from ``inputs_kv`` on every call.
 
     Sliding window (``window`` > 0, a Python int): the cache is a rolling buffer of
-    ``min(window, S_max)`` slots (``cached_key``, ``cached_value`` and ``cached_positions``, the
-    token index held by each slot, -1 when empty), so its memory is O(window) however long
+    ``min(window, S_max)`` slots (``cached_key``, ``cached_value`` and ``slot_tokens``, 1 + the
+    token index held by each slot, 0 when empty, so that an all-zero cache is an empty one), so
+    its memory is O(window) however long
     the generation; each call attends to the buffer plus its own new keys. A traced window
     (scanned layers with mixed windows) keeps the full cache and masks it. With a rolling cache a
     ``PositionBias`` is evaluated at the slots' token indices (the default positions).
@@ -479,7 +480,7 @@ class MultiHeadAttention(nn.Module):
         shape = (b, slots, *k.shape[2:])
         cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
-        cached_pos = self.variable("cache", "cached_positions", lambda: jnp.full((b, slots), -1, jnp.int32))
+        slot_tokens = self.variable("cache", "slot_tokens", jnp.zeros, (b, slots), jnp.int32)
         if mask is not None:
             raise ValueError("a rolling (sliding-window) KV cache takes no mask: it builds its own from token indices")
         if not initialized:  # the init call only sizes the cache
@@ -489,14 +490,15 @@ class MultiHeadAttention(nn.Module):
         new_pos = i + jnp.arange(t, dtype=jnp.int32)
         keys = jnp.concatenate([cached_key.value, k.astype(cached_key.value.dtype)], axis=1)
         values = jnp.concatenate([cached_value.value, v.astype(cached_value.value.dtype)], axis=1)
-        k_pos = jnp.concatenate([cached_pos.value, jnp.broadcast_to(new_pos, (b, t))], axis=1)  # [B, slots + T]
+        # Token index of every key, [B, slots + T]; -1 for empty slots.
+        k_pos = jnp.concatenate([slot_tokens.value - 1, jnp.broadcast_to(new_pos, (b, t))], axis=1)
         qp, kp = new_pos[None, :, None], k_pos[:, None, :]
         allowed = (kp >= 0) & (kp <= qp) & (kp > qp - window)
         keep = min(t, slots)  # the newest tokens overwrite the oldest slots (distinct slots: no write races)
         where = (i + t - keep + jnp.arange(keep, dtype=jnp.int32)) % slots
         cached_key.value = cached_key.value.at[:, where].set(k[:, t - keep :].astype(cached_key.value.dtype))
         cached_value.value = cached_value.value.at[:, where].set(v[:, t - keep :].astype(cached_value.value.dtype))
-        cached_pos.value = cached_pos.value.at[:, where].set(jnp.broadcast_to(new_pos[t - keep :], (b, keep)))
+        slot_tokens.value = slot_tokens.value.at[:, where].set(jnp.broadcast_to(new_pos[t - keep :] + 1, (b, keep)))
         index.value = i + t
         if isinstance(bias, PositionBias):
             bias = bias.with_keys(k_pos).dense()

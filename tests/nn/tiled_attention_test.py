@@ -145,7 +145,7 @@ def test_rolling_cache_decoding_equals_windowed_forward(impl):
         y, state = step({"params": params, **state}, x[:, i : i + 1], i)
         outs.append(y)
     assert int(state["cache"]["cache_index"]) == t
-    np.testing.assert_array_equal(state["cache"]["cached_positions"][0], [6, 7, 8])
+    np.testing.assert_array_equal(state["cache"]["slot_tokens"][0], [7, 8, 9])  # 1 + token index
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, **TOL)
 
 
