@@ -69,7 +69,11 @@ def _logits_and_grads(cfg, params, tokens):
 
 @pytest.mark.parametrize(
     "kind,position",
-    [("decoder_only", "alibi"), ("encoder_only", "learned"), ("encoder_decoder", "relative")],
+    [
+        ("decoder_only", "alibi"),
+        pytest.param("encoder_only", "learned", marks=pytest.mark.slow),
+        pytest.param("encoder_decoder", "relative", marks=pytest.mark.slow),
+    ],
 )
 def test_blockwise_models_equal_xla(kind, position):
     cfg = _cfg(kind=kind, position=position, attention_window=(0, 4) if kind == "decoder_only" else (0,))

@@ -48,8 +48,20 @@ def _inputs(t: int = 16, b: int = 2, n: int = 4, kh: int = 2, h: int = 8):
     return q, k, v, seg, pos, table
 
 
-@pytest.mark.parametrize("devices", [4, 8])
-@pytest.mark.parametrize("causal,window", [(True, 0), (True, 5), (False, 0)])
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "devices,causal,window",
+    [
+        (4, True, 5),
+        (8, False, 0),
+        pytest.param(4, True, 0, marks=SLOW),
+        pytest.param(4, False, 0, marks=SLOW),
+        pytest.param(8, True, 0, marks=SLOW),
+        pytest.param(8, True, 5, marks=SLOW),
+    ],
+)
 def test_ring_equals_reference_forward_and_gradients(devices, causal, window):
     q, k, v, seg, pos, table = _inputs()
 
@@ -132,6 +144,7 @@ def _gpt_losses(sequence: int, steps: int = 3) -> list[float]:
     return losses
 
 
+@pytest.mark.slow
 def test_gpt_training_with_ring_attention_on_4_sequence_devices_equals_one():
     ring, single = _gpt_losses(4), _gpt_losses(1)
     np.testing.assert_allclose(ring, single, rtol=1e-5, atol=1e-5)
