@@ -164,3 +164,22 @@ def test_rope_scaling_config_reaches_attention():
     np.testing.assert_allclose(outs[("linear", 1.0)], outs[("none", 2.0)], rtol=1e-5, atol=1e-5)
     assert np.abs(outs[("none", 1.0)] - outs[("linear", 1.0)]).max() > 1e-6
     assert np.abs(outs[("yarn", 1.0)] - outs[("linear", 1.0)]).max() > 1e-6
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"model.attention_window": "-1"}, "attention_window=.* must be integers >= 0"),
+        ({"model.attention_window": "512"}, "exceeds config.data.seq_len"),
+        ({"model.attention_window": "0,8,0,8,0"}, "5 entries but the model has 4 layers"),
+        ({"model.position": "rope", "model.rope_scale": "2", "model.rope_scaling": "yarn"}, "both rescale RoPE"),
+        ({"model.position": "rope", "model.rope_scaling": "yarn", "model.rope_scaling_factor": "0"}, "must be > 0"),
+        ({"model.rope_scaling": "ntk-aware"}, "is not one of: none, linear, ntk, dynamic, yarn, llama3"),
+    ],
+)
+def test_bad_long_context_config_is_one_line(overrides, message):
+    c = config_lib.base_config()
+    config_lib.apply_overrides(c, {"model.num_layers": "4", "data.seq_len": "256", **overrides})
+    with pytest.raises(config_lib.ConfigError, match=message) as info:
+        config_lib.validate(c)
+    assert "\n" not in str(info.value)
