@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir")
     common(ev, config_required=False)
+    ev.add_argument(
+        "--lengths", default="", help="length extrapolation: comma-separated evaluation lengths, e.g. 128,256,512"
+    )
 
     gen = sub.add_parser("generate", help="sample text from the latest checkpoint of a workdir")
     common(gen, config_required=False)
@@ -77,6 +80,14 @@ def _parser() -> argparse.ArgumentParser:
         choices=("true", "false"),
         default=None,
         help="beam search: stop once beam_size beams finished (true) or when none can improve (false)",
+    )
+    att = sub.add_parser("attention", help="attention heatmaps, entropy and distance per layer and head for a text")
+    common(att, config_required=False)
+    att.add_argument("--text", required=True, help="the text to read (the encoder input of an encoder-decoder)")
+    att.add_argument("--out", required=True, help="directory for the PNGs, index.html and attention_stats.json")
+    att.add_argument("--target", default=None, help="encoder-decoder: decoder text (default: its greedy output)")
+    att.add_argument(
+        "--max_new_tokens", type=int, default=32, help="encoder-decoder without --target: tokens to generate"
     )
     plot = sub.add_parser("plot", help="draw loss, eval loss and logged metrics against step for one or more workdirs")
     plot.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="run directories (one line each)")
@@ -119,6 +130,17 @@ def load_config(args: argparse.Namespace, overrides: dict[str, str], *, required
     return config_lib.validate(config)
 
 
+def _lengths(text: str) -> list[int]:
+    """``--lengths 128,256`` as integers; anything else is one line."""
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--lengths {text!r}: give comma-separated integers, e.g. --lengths 128,256,512") from None
+    if not lengths:
+        raise UserError("--lengths is empty; give comma-separated integers, e.g. --lengths 128,256,512")
+    return lengths
+
+
 def _maybe_init_distributed(args: argparse.Namespace) -> None:
     """Join the other processes: from the flags, else SLURM / TPU VM environments, else alone."""
     from jaxlm import distributed
@@ -158,7 +180,10 @@ def run(argv: Sequence[str]) -> int:
         config = load_config(args, overrides, required=False)
         from jaxlm.main import evaluate
 
-        evaluate.run(config, args.workdir)
+        if args.lengths:
+            evaluate.run_lengths(config, args.workdir, _lengths(args.lengths))
+        else:
+            evaluate.run(config, args.workdir)
     elif args.command == "generate":
         for flag in (
             "temperature",
@@ -186,6 +211,15 @@ def run(argv: Sequence[str]) -> int:
         for text in generate.run(config, args.workdir, args.prompt):
             print(text)
             print("-" * 40)
+    elif args.command == "attention":
+        config = load_config(args, overrides, required=False)
+        from jaxlm.main import attention
+
+        stats = attention.run(
+            config, args.workdir, args.text, args.out, target=args.target, max_new_tokens=args.max_new_tokens
+        )
+        count = sum(len(s["maps"]) for s in stats["stacks"].values())
+        print(f"wrote {count} heatmaps, {attention.INDEX_FILE} and {attention.STATS_FILE} to {args.out}")
     elif args.command == "plot":
         if overrides:
             raise UserError("jaxlm plot takes no --config.* overrides; it reads each workdir's metrics.jsonl")

@@ -130,7 +130,9 @@ def run(workdirs: Sequence[str], out: str, *, metrics: Sequence[str] = ()) -> li
         ax.legend(fontsize="small")
     for ax in axes[len(names) :]:
         ax.set_visible(False)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        fig.savefig(out, dpi=100)
+    except OSError as e:
+        raise UserError(f"--out {out} cannot be written ({e.strerror or e}); pick another path") from None
     return names
