@@ -1,13 +1,14 @@
 """jaxlm.peft: LoRA / DoRA / IA3 / BitFit transforms against NumPy references, the trainable tree, config errors."""
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import config_lib, param_paths, peft
+from jaxlm import config_lib, param_paths, peft, sharding
 from jaxlm.common_types import ConfigError
 from jaxlm.main import experiment
 from jaxlm.train_state import TrainState
@@ -177,3 +178,73 @@ def test_dataclass_methods_property():
     p = config_lib.validate(config_lib.base_config()).peft
     assert p.methods == () and not peft.enabled(p)
     assert dataclasses.replace(p, method="lora, bitfit").methods == ("lora", "bitfit")
+
+
+def _peft_steps(cfg, steps=2):
+    exp = experiment.build(cfg, 263)
+    base = experiment.init_params(exp, 0)
+    state = experiment.init_peft_state(exp, base, 0)
+    tokens = jax.random.randint(jax.random.key(5), (8, 33), 0, 263)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": jnp.ones((8, 32), jnp.float32)}
+    with jax.set_mesh(exp.mesh):
+        step = jax.jit(
+            experiment.train_step_fn(exp),
+            in_shardings=(exp.state_shardings, None, None, exp.base_shardings),
+            out_shardings=(exp.state_shardings, None),
+        )
+        for _ in range(steps):
+            state, _ = step(state, batch, jax.random.key(0), base)
+    return exp, base, param_paths.flatten(jax.tree.map(np.asarray, state.params))
+
+
+def test_fsdp_over_eight_devices_equals_one_device(tiny_config):
+    """The frozen base sharded over fsdp (and the trainable head / biases with it) trains as on one device."""
+    tiny_config.optim.lr = 1e-2
+    cfg8 = config_lib.validate(_fsdp(tiny_config, 8, method="lora,bitfit"))
+    exp8, base8, got = _peft_steps(cfg8)
+    assert base8["blocks"]["layer_0"]["attn"]["query"]["kernel"].sharding.spec[0] == "fsdp"
+    assert len(base8["token_embed"]["embedding"].sharding.device_set) == 8
+    original = sharding.make_mesh
+    sharding.make_mesh = lambda cfg, devs=None: original(cfg, jax.devices()[:1])
+    try:
+        _, _, want = _peft_steps(config_lib.validate(_fsdp(tiny_config, 1, method="lora,bitfit")))
+    finally:
+        sharding.make_mesh = original
+    assert got.keys() == want.keys()
+    for path in want:
+        # Adam divides by sqrt(v): near-zero gradients (biases) amplify reduction-order noise to ~1e-6.
+        np.testing.assert_allclose(got[path], want[path], rtol=1e-4, atol=1e-5, err_msg=path)
+
+
+def _fsdp(c, n, **peft_overrides):
+    c.mesh.shape.data, c.mesh.shape.fsdp = 1, n
+    for key, value in peft_overrides.items():
+        setattr(c.peft, key, value)
+    return c
+
+
+@pytest.mark.parametrize("spec", ["t5.py:size=tiny", "rnn.py", "bert.py:size=tiny"])
+def test_lora_ia3_on_other_model_families(spec, tmp_path):
+    """T5 (no biases), the RNN's dense and recurrent kernels, BERT with scan_layers: shapes and the merge."""
+    c = config_lib.load_config_file(
+        os.path.join(os.path.dirname(__file__), "..", "configs", spec.split(":")[0])
+        + (":" + spec.split(":")[1] if ":" in spec else "")
+    )
+    c.data.data_dir = str(tmp_path)
+    c.peft.method = "lora,ia3"
+    c.peft.targets = "kernel" if spec == "rnn.py" else "attn/(query|value),mlp/wo"
+    c.model.scan_layers = spec.startswith("bert")
+    cfg = config_lib.validate(c)
+    exp = experiment.build(cfg, 263)
+    base = experiment.init_params(exp, 0)
+    trainable = _randomize(peft.init(jax.random.key(0), base, cfg.peft))
+    merged = peft.merge(base, trainable, cfg.peft)
+    changed = [
+        p
+        for p, (a, b) in zip(param_paths.flatten(base), zip(jax.tree.leaves(base), jax.tree.leaves(merged)))
+        if not np.array_equal(a, b)
+    ]
+    assert changed and all(p.endswith(("kernel", "bias")) for p in changed), changed
+    if spec == "rnn.py":
+        assert any(p.endswith("recurrent_kernel") for p in changed)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), merged) == jax.tree.map(lambda x: (x.shape, x.dtype), base)
