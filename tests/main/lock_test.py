@@ -262,7 +262,9 @@ def _two_processes(workdir):
     outs = []
     for p in procs:
         try:
-            outs.append(p.communicate(timeout=240)[0].strip().splitlines()[-1])
+            lines = p.communicate(timeout=240)[0].strip().splitlines()
+            # gloo writes its own lines to stdout too, in any order
+            outs.append(next(line for line in lines if line.startswith(("held", "not held", "refused:"))))
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
