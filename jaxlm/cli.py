@@ -93,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="run directories (one line each)")
     plot.add_argument("--out", required=True, help="image file to write, e.g. curves.png (.pdf and .svg work too)")
     plot.add_argument("--metrics", default="", help="comma-separated metrics to draw (default: all logged)")
+    pred = sub.add_parser("predict", help="labels, tags, answers or targets for new inputs (JSONL in, JSONL out)")
+    common(pred, config_required=False)
+    pred.add_argument("--input", required=True, help="JSONL file: one record per line, with the task's input fields")
+    pred.add_argument("--output", required=True, help="JSONL file to write: each record with its prediction added")
     info = sub.add_parser("info", help="parameter counts, FLOPs per token and logical axes of a config")
     info.add_argument("--config", required=True, help="config file and argument, e.g. configs/gpt.py:size=small")
     info.set_defaults(workdir=None)
@@ -180,10 +184,12 @@ def run(argv: Sequence[str]) -> int:
         config = load_config(args, overrides, required=False)
         from jaxlm.main import evaluate
 
+        # The whole split unless --config.train.eval_steps is given here (the saved value caps training's evals).
+        max_steps = config.train.eval_steps if "train.eval_steps" in overrides else 0
         if args.lengths:
-            evaluate.run_lengths(config, args.workdir, _lengths(args.lengths))
+            evaluate.run_lengths(config, args.workdir, _lengths(args.lengths), max_steps=max_steps)
         else:
-            evaluate.run(config, args.workdir)
+            evaluate.run(config, args.workdir, max_steps=max_steps)
     elif args.command == "generate":
         for flag in (
             "temperature",

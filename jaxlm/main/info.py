@@ -9,11 +9,12 @@ from typing import Any, TextIO
 import flax.linen as nn
 import jax
 
-from jaxlm import models, optim, peft
+from jaxlm import config_lib, models, optim, peft
 from jaxlm.config_lib import Config
 from jaxlm.data import tokenizers, tokenizers_sp
-from jaxlm.main import experiment
+from jaxlm.main import experiment, task_data
 from jaxlm.models import config as model_config
+from jaxlm.models import heads
 
 
 def _path(path: tuple) -> str:
@@ -30,8 +31,12 @@ def describe(config: Config) -> dict[str, Any]:
         vocab = tokenizers.build("byte").vocab_size if byte else trained
         vocab = experiment.model_vocab_size(config, vocab)
     cfg = models.resolve(config.model, vocab)
-    model = models.build(cfg)
-    args = experiment.example_args(cfg, config.data.seq_len)
+    # A fine-tuning config's model carries its task head (sized by the task's labels).
+    head = None
+    if config_lib.task_head(config) != "none":
+        head = heads.from_config(config, task_data.resolve(config).num_labels or None)
+    model = models.build(cfg, head=head)
+    args = experiment.example_args(cfg, config.data.seq_len, config.data.objective)
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *args)["params"])
     specs = nn.get_partition_spec(boxed)
     params = []

@@ -222,7 +222,9 @@ def _run(config: Config, workdir: str, *, stop_at: int | None, stream: TextIO | 
 
     # ---- Loop.
     writer = MetricWriter(workdir, write=lead, stream=stream)
-    flops_per_token = model_config.flops_per_token(exp.model_cfg, config.data.seq_len)
+    # Per example, from the batch's own lengths: an encoder-decoder's targets are shorter than its inputs.
+    targets_len = abstract_batch["targets"].shape[1] if "targets" in abstract_batch else 0
+    flops_per_example = model_config.flops_per_example(exp.model_cfg, config.data.seq_len, targets_len)
     device_kind = jax.devices()[0].device_kind
     # The peak of the dtype the matmuls actually take (bf16 runs may use f32 operands on a CPU).
     matmul_dtype = hardware.matmul_operand_dtype(config.model.matmul_dtype, config.model.dtype).name
@@ -280,7 +282,11 @@ def _run(config: Config, workdir: str, *, stop_at: int | None, stream: TextIO | 
                     step,
                     logged
                     | {"lr": float(schedule(step - 1)), "step_time_s": step_time, "tokens_per_s": tokens_per_s}
-                    | ({"mfu": tokens_per_s * flops_per_token / (peak * jax.device_count())} if peak else {}),
+                    | (
+                        {"mfu": config.data.batch_size / step_time * flops_per_example / (peak * jax.device_count())}
+                        if peak
+                        else {}
+                    ),
                 )
                 progress.set_postfix(loss=f"{last['loss']:.3f}")
                 nonfinite_run = loop.check_numerics(fetched, step, nonfinite_run, config)
