@@ -87,6 +87,7 @@ CASES = {
     "kv-heads": (_train(["--config.model.num_kv_heads=3"], workdir_key="n3"), "num_kv_heads=3 must divide"),
     "dropout-range": (_train(["--config.model.dropout_rate=1.5"], workdir_key="n4"), "dropout_rate=1.5 must be in"),
     "lr-positive": (_train(["--config.optim.lr=0"], workdir_key="n5"), "config.optim.lr=0.0 must be > 0"),
+    "lr-nan": (_train(["--config.optim.lr=nan"], workdir_key="n57"), "error: config.optim.lr=nan must be finite"),
     "betas": (_train(["--config.optim.b1=1.5"], workdir_key="n6"), "b1 and b2 must be in [0, 1)"),
     "accum-divide": (_train(["--config.optim.grad_accum_steps=3"], workdir_key="n7"), "grad_accum_steps=3 must divide"),
     "seq-vs-max-len": (_train(["--config.data.seq_len=100000"], workdir_key="n8"), "exceeds config.model.max_len"),
