@@ -7,7 +7,9 @@ batch). Shapes: squares 1024..4096, and the matmuls of the bench/train.py models
 ``[B*T, D] x [D, V]`` LM head and the batched ``[B*N, T, H] x [B*N, H, T]`` attention logits.
 
 The peak per dtype (the largest median over the shapes) goes to ``bench/results/peak.json``;
-bench/train.py reads it as the denominator of "MFU vs measured peak".
+bench/train.py reads it as the denominator of "MFU vs measured peak". The last line says whether
+bf16 operands pay on this machine: on CPUs without bf16 dot instructions (AVX2: bf16 ~0.7x
+float32) they do not, and nothing in jaxlm defaults to bf16 there.
 
 Variants (``--variants``): ``f32`` (f32 x f32 -> f32), ``bf16`` (bf16 x bf16 with
 ``preferred_element_type=float32``, what ``jaxlm.nn.linears.DenseGeneral`` does at
@@ -30,6 +32,8 @@ import common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from jaxlm import hardware  # noqa: E402
 
 # name -> (operand dtype, preferred_element_type)
 VARIANTS = {
@@ -148,8 +152,20 @@ def main() -> None:
             f"  {v:<9} {common.gflops(peak[v]):>9} GFLOP/s ({common.gflops(best[v])}); "
             f"{common.gflops(per_cpu[v])} GFLOP per CPU-second"
         )
+    verdict = None
     if "f32" in peak and "bf16" in peak:
-        print(f"  bf16 / f32: {peak['bf16'] / peak['f32']:.2f}x")
+        ratio = peak["bf16"] / peak["f32"]
+        print(f"  bf16 / f32: {ratio:.2f}x")
+        isa = hardware.cpu_info().isa if jax.default_backend() == "cpu" else jax.default_backend()
+        if ratio < 1.0:
+            verdict = (
+                f"bf16 operands are SLOWER than float32 on this machine ({ratio:.2f}x, {isa}): train in float32 "
+                "(the default); with model.dtype=bfloat16, model.matmul_dtype=auto gives the matmuls float32 "
+                "operands here" + (" (it does on this CPU)" if not hardware.auto_switch("bf16_matmul", "auto") else "")
+            )
+        else:
+            verdict = f"bf16 operands are {ratio:.2f}x float32 on this machine ({isa}): model.dtype=bfloat16 can pay"
+        print(verdict)
     machine["load_average_after"] = common.load_average()
     print(f"load average after: {'/'.join(f'{x:.2f}' for x in machine['load_average_after'])}")
     path = common.write_result(
@@ -162,6 +178,8 @@ def main() -> None:
             "peak_by_variant": peak,
             "best_by_variant": best,
             "per_cpu_s_by_variant": per_cpu,
+            "isa": hardware.cpu_info().isa,
+            "verdict": verdict,
             "shapes": rows,
         },
         path=args.out,

@@ -2,7 +2,8 @@
 
 Configs (``--configs``, default ``tiny,baby``, which runs in about a minute on 2 quiet cores;
 ``all`` adds d512, bert and t5, about 4 minutes): GPTs from ``configs/gpt.py`` with MLP 4x embed,
-``tiny`` (4 layers, 4 heads, 128 wide, seq 64, batch 12), ``baby`` (6, 6, 384, seq 256, batch 8),
+``tiny`` (4 layers, 4 heads, 128 wide, seq 64, batch 12), ``small`` (``configs/gpt.py:size=small`` as it
+is, the README's quick start), ``baby`` (6, 6, 384, seq 256, batch 8),
 ``d512`` (4, 8, 512, seq 512, batch 8); ``bert`` = ``configs/bert.py:size=small``; ``t5`` =
 ``configs/t5.py:size=small``.
 
@@ -88,6 +89,8 @@ CONFIGS: dict[str, tuple[str, dict[str, str]]] = {
             "data.batch_size": "12",
         },
     ),
+    # The README's quick start as configs/gpt.py ships it (its shape, whatever the preset says).
+    "small": ("gpt.py:size=small", {}),
     "baby": (
         "gpt.py:size=small",
         {
