@@ -402,9 +402,11 @@ class MultiHeadAttention(nn.Module):
                 k, v, mask = self._update_cache(k, v, mask, cache_index, window)
                 if isinstance(bias, PositionBias):
                     bias = bias.dense()
-            # The cache mask holds the causal and window restrictions; a few new tokens need no ring.
+            # The cache mask holds the causal and window restrictions.
             causal, window = False, 0
-            implementation = "xla" if implementation == "ring" else implementation
+        if decode and implementation == "ring":
+            # A few new tokens per step are not split over devices (cross-attention keeps no cache).
+            implementation = "blockwise"
 
         dropout_rng = None
         if not deterministic and self.dropout_rate > 0.0:
