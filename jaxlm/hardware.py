@@ -64,30 +64,31 @@ DEVICE_KINDS: tuple[tuple[str, str], ...] = (
 
 ISAS = ("amx", "avx512_bf16", "avx512", "avx2", "other")
 
-# Switch -> ISA -> (on?, why). Measured with bench/ab.py (interleaved A/B, medians of rounds) on a
-# 2-core Zen 5 (avx512_bf16) and a 2-core Zen 3 (avx2); "amx" and plain "avx512" were not
-# measured and follow the nearest measured ISA (AMX machines have avx512_bf16). Figures:
+# Switch -> ISA -> (on?, why). Measured A/B on a 2-core Zen 5 (avx512_bf16; bench/README.md "Where
+# the time goes") and with bench/ab.py (interleaved rounds, median ratios) on a 2-core Zen 3 class
+# EPYC (avx2, a heavily loaded machine: ratios, not absolute figures); "amx" and plain "avx512" were
+# not measured and follow the nearest measured ISA (AMX machines have avx512_bf16). Figures:
 # bench/README.md, "CPU switches by ISA".
 CPU_SWITCHES: dict[str, dict[str, tuple[bool, str]]] = {
     "grad_barrier": {
         "amx": (True, "as avx512_bf16"),
         "avx512_bf16": (True, "baby f32 -8% step time"),
         "avx512": (True, "as avx512_bf16"),
-        "avx2": (True, "small/baby f32 faster with it"),
+        "avx2": (True, "CPU time per step -7 to -10% at tiny/small/baby f32"),
         "other": (True, "as avx2"),
     },
     "fuse_qkv": {
         "amx": (True, "as avx512_bf16"),
         "avx512_bf16": (True, "baby f32 +7%"),
         "avx512": (True, "as avx512_bf16"),
-        "avx2": (True, "within noise, kept"),
+        "avx2": (True, "no difference measured at tiny/small f32; kept like AVX-512"),
         "other": (True, "as avx2"),
     },
     "cond_update": {
         "amx": (True, "as avx512_bf16"),
         "avx512_bf16": (True, "baby +3%, step memory -9%"),
         "avx512": (True, "as avx512_bf16"),
-        "avx2": (True, "step memory -9%, speed within noise"),
+        "avx2": (True, "tiny f32 +12% tokens/s, CPU time -5%; step memory -9%"),
         "other": (True, "as avx2"),
     },
     # On: the matmul takes bf16 operands when model.dtype is bfloat16; off: it upcasts them to f32.
