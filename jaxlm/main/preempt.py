@@ -11,9 +11,12 @@ so a scheduler's own kill never lands in the middle of a half-written checkpoint
 
 Ctrl-C: the handler is installed only while training steps run and only where SIGINT is not
 ignored (a job started with ``nohup`` or in the background of a script keeps ignoring it).
-The second SIGINT ends the process at once with status 130: checkpoints are written into a
-temporary directory and renamed when complete, so the newest complete one is never damaged,
-and the workdir lock is removed on the way out. After a run stopped by Ctrl-C,
+The second SIGINT ends the process at once with status 130, also while the main thread is
+inside a long native call (a device sync, a checkpoint wait), where Python would run its
+handler only afterwards and see two presses as one: a watcher thread reads the signal wakeup
+file descriptor and counts each press as it arrives. Checkpoints are written into a temporary
+directory and renamed when complete, so the newest complete one is never damaged; the workdir
+lock is removed on the way out. After a run stopped by Ctrl-C,
 :func:`exit_if_interrupted` raises :class:`Interrupted` so the command exits with 130.
 """
 
@@ -54,19 +57,28 @@ class Preemption:
         self._previous: Any = None
         self._previous_int: Any = None
         self._sigints = 0
+        self._arrived = 0
+        self._watch: _WakeupWatch | None = None
         _state["interrupted"] = False
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_signal)
             if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
                 self._previous_int = signal.signal(signal.SIGINT, self._on_signal)
+                self._watch = _WakeupWatch(self._on_arrival)
+
+    def _on_arrival(self, signum: int) -> None:
+        # Runs on the watcher thread the moment a signal arrives, even while the main thread is
+        # inside a long native call (a device sync, a checkpoint wait) where _on_signal must wait.
+        if signum == signal.SIGINT:
+            self._arrived += 1
+            if self._arrived > 1:
+                _hard_exit()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT:
             self._sigints += 1
             if self._sigints > 1:
-                _say("second Ctrl-C: exiting now; the newest complete checkpoint is kept, rerun to resume from it")
-                _release_locks()
-                os._exit(EXIT_INTERRUPTED)
+                _hard_exit()
             _state["interrupted"] = True
             _say("Ctrl-C: finishing this step and saving a checkpoint, then exiting (Ctrl-C again exits at once)")
         self._flag.set()
@@ -101,6 +113,56 @@ class Preemption:
             if self._previous_int is not None:
                 signal.signal(signal.SIGINT, self._previous_int)
                 self._previous_int = None
+            if self._watch is not None:
+                self._watch.close()
+                self._watch = None
+
+
+def _hard_exit() -> None:
+    _say("second Ctrl-C: exiting now; the newest complete checkpoint is kept, rerun to resume from it")
+    _release_locks()
+    os._exit(EXIT_INTERRUPTED)
+
+
+class _WakeupWatch:
+    """Calls ``on_signal(signum)`` from a thread as each handled signal arrives (``signal.set_wakeup_fd``).
+
+    Python runs signal handlers on the main thread between bytecodes only; the wakeup file
+    descriptor is written by the C-level handler at once, so a thread reading it sees the signal
+    while the main thread is still blocked in native code.
+    """
+
+    def __init__(self, on_signal: Any) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._closed = False
+        try:
+            self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread of the main interpreter
+            self._previous_fd = None
+            self._closed = True
+            return
+        self._thread = threading.Thread(target=self._run, args=(on_signal,), name="jaxlm-sigint", daemon=True)
+        self._thread.start()
+
+    def _run(self, on_signal: Any) -> None:
+        while True:
+            data = os.read(self._read, 64)
+            if self._closed or not data:
+                return
+            for signum in data:
+                on_signal(signum)
+
+    def close(self) -> None:
+        """Give the wakeup fd back to its previous owner and end the thread."""
+        if self._closed:
+            return
+        signal.set_wakeup_fd(self._previous_fd if self._previous_fd is not None else -1)
+        self._closed = True
+        os.write(self._write, b"\0")  # wakes the thread, which sees _closed and returns
+        self._thread.join(timeout=5)
+        os.close(self._write)
+        os.close(self._read)
 
 
 def _say(message: str) -> None:

@@ -125,3 +125,34 @@ def test_second_ctrl_c_exits_at_once_and_keeps_the_newest_complete_checkpoint(te
     assert newest is not None and newest >= 4
     assert _restorable(workdir, newest) == newest
     assert not os.path.exists(workdir / lock.LOCK_FILE)  # removed on the way out
+
+
+_BLOCKED = """
+import signal, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as if started from a terminal
+import numpy as np
+from jaxlm.main import preempt
+preempt.Preemption(600)
+a = np.random.default_rng(0).random((2000, 2000))
+print("ready", flush=True)
+start = time.time()
+while time.time() - start < 120:
+    a @ a  # native code: Python runs its handlers only between these calls, once per signal kind
+print("finished", flush=True)
+"""
+
+
+def test_second_ctrl_c_exits_even_while_the_main_thread_is_inside_native_code():
+    # Two SIGINTs that land during one native call reach Python's handler as one; the watcher
+    # thread on the signal wakeup fd counts both as they arrive and exits.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BLOCKED], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=100)
+    assert proc.returncode == 130, err[-2000:]
+    assert "second Ctrl-C: exiting now" in err and "finished" not in out
