@@ -6,8 +6,9 @@ data order and steps: ``learned``, ``sinusoidal``, ``rope``, ``rope`` + ``linear
 ``rope`` + ``yarn`` RoPE scaling (both with ``rope_scaling_factor = 1024 / 128 = 8`` and
 ``rope_original_max_len = 128``, applied from the start of training, since a workdir's model
 config is fixed), and ``alibi``. Each is then evaluated by ``jaxlm.main.evaluate.run_lengths``
-on non-overlapping validation rows of each length (the first ``--eval_batches`` batches of 16
-rows, the same text for every model). Learned positions have no embedding past 128: those
+on non-overlapping validation rows of each length: the first ``--eval_tokens`` tokens of the
+validation split (``ceil(eval_tokens / (16 L))`` batches of 16 rows), so every length and every
+model reads the same text; only the context each token sees changes. Learned positions have no embedding past 128: those
 cells are "n/a". The size is configs/gpt.py's ``small`` (4 layers, 4 heads, 128 wide) unless
 ``--size`` says otherwise.
 
@@ -16,7 +17,10 @@ writes every figure to ``bench/results/extrapolation.json``. Figures only; nothi
 fails.
 
     python bench/extrapolation.py                      # 600 steps per model
+    python bench/extrapolation.py --size tiny --steps 300   # the README table
     python bench/extrapolation.py --steps 100 --lengths 128,256 --root /tmp/extrapolation
+
+A workdir under ``--root`` that already holds the final checkpoint is not trained again.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--lengths", default="128,256,512,1024")
     parser.add_argument("--size", default="small")
-    parser.add_argument("--eval_batches", type=int, default=4)
+    parser.add_argument("--eval_tokens", type=int, default=32768, help="validation tokens read at every length")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--root", default="runs/extrapolation")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "extrapolation.json"))
@@ -87,7 +91,8 @@ def main() -> None:
         for n in lengths:
             try:
                 with contextlib.redirect_stdout(io.StringIO()):
-                    r = evaluate.run_lengths(config, workdir, [n], max_steps=args.eval_batches)[n]
+                    batches = math.ceil(args.eval_tokens / (16 * n))
+                    r = evaluate.run_lengths(config, workdir, [n], max_steps=batches)[n]
                 row[str(n)] = {"loss": r["eval_loss"], "perplexity": r["eval_perplexity"], "batches": r["eval_batches"]}
             except UserError as e:  # learned positions past max_len
                 row[str(n)] = {"not_applicable": str(e)}
@@ -110,7 +115,7 @@ def main() -> None:
         "size": args.size,
         "train_len": TRAIN_LEN,
         "batch_size": 16,
-        "eval_batches": args.eval_batches,
+        "eval_tokens": args.eval_tokens,
         "corpus": "builtin (byte tokenizer)",
         "results": results,
     }
