@@ -96,7 +96,7 @@ CPU_SWITCHES: dict[str, dict[str, tuple[bool, str]]] = {
         "amx": (True, "AMX bf16 tiles"),
         "avx512_bf16": (True, "bf16 dot products: 1.9x the f32 matmul peak"),
         "avx512": (False, "no bf16 dot instructions"),
-        "avx2": (False, "no bf16 dot instructions: bf16 operands 0.7x the f32 matmul peak"),
+        "avx2": (False, "no bf16 dot instructions: f32 operands +15-18% tokens/s in bf16 runs"),
         "other": (False, "no known bf16 dot instructions"),
     },
 }

@@ -41,7 +41,8 @@ def test_cached_greedy_equals_uncached_greedy():
     )
     model = models.build(cfg)
     prompt = jax.random.randint(jax.random.key(3), (3, 6), 0, 40)
-    params = model.init(jax.random.key(0), prompt)["params"]
+    # Jitted: one compile instead of one per initializer op (op-by-op dispatch compiles each).
+    params = jax.jit(model.init)(jax.random.key(0), prompt)["params"]
     # Sharpen the output distribution so greedy choices are not decided by rounding.
     params = jax.tree.map(lambda x: x * 3.0, params)
     cached = decoding.generate(
