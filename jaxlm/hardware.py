@@ -169,8 +169,13 @@ def auto_switch(name: str, setting: str, *, backend: str | None = None, isa: str
     return CPU_SWITCHES[name][isa or cpu_info().isa][0]
 
 
-def cpu_auto(setting: str, name: str) -> bool:
-    """:func:`auto_switch` for ``model.grad_barrier``, ``model.fuse_qkv`` or ``train.cond_update`` (``name``)."""
+def cpu_auto(setting: str, name: str | None = None) -> bool:
+    """:func:`auto_switch` for ``model.grad_barrier``, ``model.fuse_qkv`` or ``train.cond_update`` (``name``).
+
+    Without ``name`` (a CPU trick not in :data:`CPU_SWITCHES`), ``auto`` is on for any CPU.
+    """
+    if name is None:
+        return setting == "on" or (setting == "auto" and _on_cpu())
     return auto_switch(name, setting)
 
 

@@ -75,6 +75,11 @@ def test_auto_switches_follow_the_backend_and_the_isa():
         assert hardware.auto_switch(name, "off", backend="cpu", isa="avx2") is False
         for isa in hardware.ISAS:
             assert hardware.auto_switch(name, "auto", backend="cpu", isa=isa) is hardware.CPU_SWITCHES[name][isa][0]
+    # A CPU trick outside the table: auto = on for any CPU (this test runs on the CPU backend).
+    assert hardware.cpu_auto("auto") is True and hardware.cpu_auto("off") is False
+    assert (
+        hardware.cpu_auto("auto", "grad_barrier") is hardware.CPU_SWITCHES["grad_barrier"][hardware.cpu_info().isa][0]
+    )
     # bf16 matmul operands only where the hardware has bf16 dot products (and on accelerators).
     assert hardware.auto_switch("bf16_matmul", "auto", backend="tpu") is True
     assert hardware.auto_switch("bf16_matmul", "auto", backend="cpu", isa="avx512_bf16") is True
