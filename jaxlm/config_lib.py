@@ -219,7 +219,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_every = -1
     c.train.eval_steps = 10
     # FLOP/s per device, for MFU; 0 = by device kind and model.dtype from jaxlm/hardware.py
-    # (H100, A100, TPU v4/v5e/v5p/v6e, and the measured peaks of the benchmark CPU).
+    # (H100, A100, TPU v4/v5e/v5p/v6e); on a CPU, this machine's probed matmul peak (cached per CPU).
     c.train.peak_flops = 0.0
     c.train.progress = True  # progress bar on stderr
     # A step whose loss or gradients are not finite never updates the state. 'skip' carries on
