@@ -7,8 +7,10 @@ prediction added under the name of the field the task trains on: ``label`` (the 
 a number for regression), ``tags`` (one per word of ``tokens``), ``answers``
 (``{"text": [...], "answer_start": [...]}``, SQuAD's layout) or ``target``.
 
-Rows are built by the same transforms as training (with placeholder gold answers) and scored by
-the objective's eval step, so prediction and evaluation cannot disagree. A record that is not
+Seq2seq targets are greedy, or the best beam with ``--config.decode.beam_size=K`` (with
+``decode.length_penalty`` and ``decode.early_stopping``). Rows are built by the same
+transforms as training (with placeholder gold answers) and scored by the objective's eval
+step, so prediction and evaluation cannot disagree. A record that is not
 valid JSON, lacks a field, has a field of the wrong type or does not fit ``config.data.seq_len``
 is a one-line error naming its line; the output is written only when every line succeeded.
 """
@@ -22,15 +24,16 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import sharding
+from jaxlm import beam_search, sharding
 from jaxlm.common_types import DataError, UserError
 from jaxlm.config_lib import Config
 from jaxlm.data import objectives_tasks
 from jaxlm.data.local_files import parse_fields
 from jaxlm.data.tokenizers import Tokenizer
-from jaxlm.main import evaluator, restore, task_data
+from jaxlm.main import evaluator, generate, restore, task_data
 
 PREDICTED_FIELD = {"classification": "label", "token_classification": "tags", "qa": "answers", "seq2seq": "target"}
 INPUT_FIELDS = {
@@ -144,6 +147,54 @@ def _answer(record: dict, ids: np.ndarray, start: int, end: int, tokenizer: Toke
     return {"text": [text], "answer_start": [record["context"].find(text)]}
 
 
+def _beam_targets(
+    exp: Any, params: Any, tokenizer: Tokenizer, config: Config, rows: list[dict], decoder_only: bool
+) -> np.ndarray:
+    """Seq2seq targets by beam search (``config.decode.beam_size > 1``): the best beam of each row, ``[R, N]``.
+
+    One row at a time, since a decoder-only model's prompts (its source parts) differ in length;
+    the search itself is :func:`jaxlm.beam_search.beam_search` over the model's cache, as
+    ``jaxlm generate`` runs it.
+    """
+    d, n = config.decode, evaluator.eval_options(config)["num_tokens"]
+    settings = dict(
+        beam_size=d.beam_size,
+        max_new_tokens=n,
+        eos_id=tokenizer.eos_id,
+        length_penalty=d.length_penalty,
+        early_stopping=d.early_stopping,
+        pad_id=tokenizer.pad_id,
+    )
+    k, max_len = d.beam_size, exp.model_cfg.max_len
+
+    @jax.jit
+    def encoder_decoder(params: Any, inputs: jax.Array) -> jax.Array:
+        encoded = exp.model.apply({"params": params}, inputs, method="encode")
+        step = generate.make_seq2seq_step_fn(
+            exp.model, params, jnp.repeat(encoded, k, axis=0), jnp.repeat(inputs, k, axis=0)
+        )
+        start = jnp.zeros((1, 1), jnp.int32)  # the decoder starts from id 0, as in training
+        return beam_search.beam_search(step, generate.cache_fn(exp.model, max_len, inputs.shape[1]), start, **settings)[
+            0
+        ]
+
+    @jax.jit
+    def decoder(params: Any, prompt: jax.Array) -> jax.Array:
+        step = generate.make_step_fn(exp.model, params)
+        return beam_search.beam_search(step, generate.cache_fn(exp.model, max_len), prompt, **settings)[0]
+
+    out = np.zeros((len(rows), n), np.int32)
+    for i, row in enumerate(rows):
+        if decoder_only:
+            prompt_len = int(np.argmax(row["weights"] > 0)) + 1  # source and its eos
+            tokens = decoder(params, jnp.asarray(row["inputs"][None, :prompt_len], jnp.int32))
+        else:
+            length = int(row["inputs_segment_ids"].sum())
+            tokens = encoder_decoder(params, jnp.asarray(row["inputs"][None, :length], jnp.int32))
+        out[i] = np.asarray(tokens)[0, 0, :n]
+    return out
+
+
 def run(config: Config, workdir: str, input_path: str, output_path: str) -> int:
     """Predict for every record of ``input_path`` and write ``output_path``; returns the number of records."""
     objective = config.data.objective
@@ -178,6 +229,8 @@ def run(config: Config, workdir: str, input_path: str, output_path: str) -> int:
             for k, v in jax.device_get(out).items():
                 outputs.setdefault(k, []).append(np.asarray(v)[: len(chunk)])
     out = {k: np.concatenate(v) for k, v in outputs.items()}
+    if objective == "seq2seq" and config.decode.beam_size > 1:
+        out["generated"] = _beam_targets(exp, params, tokenizer, config, rows, data.options["decoder_only"])
     key = fields.get(PREDICTED_FIELD[objective], PREDICTED_FIELD[objective])
     lines = []
     for i, (_, record) in enumerate(records):

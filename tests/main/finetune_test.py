@@ -1,5 +1,6 @@
 """Fine-tuning through `jaxlm train`: init_from by path, task heads, whole-split eval metrics, predict, resume."""
 
+import dataclasses
 import json
 import os
 
@@ -157,3 +158,28 @@ def test_finetuning_sharded_over_eight_devices_equals_one_device(world, tmp_path
 
     assert losses(str(tmp_path / "eight")) == pytest.approx(losses(str(tmp_path / "one")), rel=1e-5, abs=1e-6)
     assert sharded["eval_accuracy"] == single["eval_accuracy"]
+
+
+@pytest.mark.slow
+def test_decoder_only_seq2seq_trains_evaluates_bleu_and_predicts_greedy_and_by_beam(world, tmp_path):
+    root, _ = world
+    c = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "gpt.py:size=tiny"))
+    c.data.data_dir = str(root / "datasets")
+    c.data.source, c.data.format, c.data.objective = "files", "jsonl", "seq2seq"
+    c.data.files, c.data.eval_files = str(root / "train.jsonl"), str(root / "eval.jsonl")
+    c.data.fields = "source=text,target=label"
+    c.data.seq_len, c.data.batch_size, c.task.targets_len = 32, 8, 6
+    c.train.progress, c.train.num_steps, c.train.eval_every, c.train.eval_steps = False, 30, 0, 1
+    cfg = config_lib.validate(c)
+    wd = str(tmp_path / "s2s")
+    out = train.run(cfg, wd)
+    assert "eval_bleu" in out and out["eval_bleu_signature"].startswith("nrefs:1")
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"text": "good great fine"}\n{"text": "bad awful"}\n')
+    greedy, beam = tmp_path / "greedy.jsonl", tmp_path / "beam.jsonl"
+    predict.run(cfg, wd, str(inp), str(greedy))
+    one_beam = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, beam_size=2, num_samples=1))
+    predict.run(one_beam, wd, str(inp), str(beam))
+    g = [json.loads(x)["label"] for x in greedy.read_text().splitlines()]
+    b = [json.loads(x)["label"] for x in beam.read_text().splitlines()]
+    assert len(g) == len(b) == 2 and all(isinstance(x, str) for x in g + b)
