@@ -43,6 +43,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.remat": ("none", "full", "dots"),
     "model.grad_barrier": ("auto", "on", "off"),
     "model.fuse_qkv": ("auto", "on", "off"),
+    "model.matmul_dtype": ("auto", "compute", "float32"),
     "data.source": ("builtin", "files", "tfds", "synthetic", "oracle"),
     "data.tokenizer": ("byte", "char", "sentencepiece_unigram", "sentencepiece_bpe", "hf"),
     "data.objective": (
@@ -133,6 +134,11 @@ def base_config() -> ml_collections.ConfigDict:
     # auto = on for the CPU backend, where it was measured; off elsewhere, since concatenating
     # kernels that are sharded over heads (tensor parallelism) costs a reshuffle.
     c.model.fuse_qkv = "auto"
+    # Operand dtype of the matmuls when model.dtype is bfloat16 (jaxlm/nn/matmul.py): auto = bf16
+    # where the hardware multiplies bf16 natively (GPU, TPU, CPUs with avx512_bf16 or AMX) and
+    # float32 on CPUs without bf16 dot instructions (AVX2), where bf16 matmuls are slower than
+    # float32 ones; compute = always model.dtype; float32 = always float32.
+    c.model.matmul_dtype = "auto"
     c.model.pre_norm = True  # pre-LayerNorm (GPT-2, T5); False: post-LayerNorm (original Transformer, BERT)
     c.model.norm_eps = 1e-5
     c.model.use_bias = True  # biases in dense layers (False for T5 / LLaMA style)
@@ -495,6 +501,7 @@ class ModelConfig:
     remat: str
     grad_barrier: str
     fuse_qkv: str
+    matmul_dtype: str
     pre_norm: bool
     norm_eps: float
     use_bias: bool
