@@ -28,7 +28,9 @@ def _config(arg="size=tiny", **overrides):
 
 
 def _final_state(workdir):
-    cfg = config_lib.validate(workdir_lib.saved_config(str(workdir)))
+    saved = workdir_lib.saved_config(str(workdir))
+    saved.mesh.shape.data = -1  # restore onto all devices, whatever mesh wrote it
+    cfg = config_lib.validate(saved)
     built = gan.build(cfg, 5000, 0, 0)
     manager = checkpoint.make_manager(str(workdir), cfg.checkpoint)
     step = manager.latest_step()
