@@ -244,7 +244,7 @@ def _attend_fwd(q, k, v, mask, bias, rng, off, cfg: _Cfg):
     return (out, lse), (q, k, v, mask, bias, rng, off, out, lse)
 
 
-def _no_grad(tree):
+def zero_cotangents(tree):
     """Zero cotangents for a pytree of integer / boolean (or any non-differentiated) arrays."""
 
     def zero(x):
@@ -328,7 +328,7 @@ def _attend_bwd(cfg: _Cfg, res, cotangents):
     dq = _unblock_q(dq)
     if tiled_bias:
         table_ct = d_table.astype(bias.table.dtype) if learn_table else jnp.zeros_like(bias.table)
-        dbias = _no_grad(bias).replace(table=table_ct)
+        dbias = zero_cotangents(bias).replace(table=table_ct)
     elif bias is not None:  # dbias: [nq, nk, Bb, Kb, Gb, bq|1, bk|1] -> bias.shape
         if bias.shape[3] == 1:
             dbias = dbias.sum(0, keepdims=True)
@@ -362,8 +362,8 @@ def _attend_bwd(cfg: _Cfg, res, cotangents):
     _, (dk, dv) = lax.scan(dkv_step, None, kv_xs)
     dk = jnp.moveaxis(dk, 0, 2).reshape(k.shape)
     dv = jnp.moveaxis(dv, 0, 2).reshape(v.shape)
-    d_mask = None if mask is None or not isinstance(mask, TokenMask) else _no_grad(mask)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_mask, dbias, None, _no_grad(off)
+    d_mask = None if mask is None or not isinstance(mask, TokenMask) else zero_cotangents(mask)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_mask, dbias, None, zero_cotangents(off)
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)

@@ -9,10 +9,11 @@ returns the per-row log-sum-exp), merges the result into its running output by l
 weights, and passes the key/value chunk (with the keys' mask vectors and positions) to the next
 device with ``lax.ppermute``. No device ever holds more than one ``[T/P, S/P]`` tile set, and
 causal / window / segment restrictions use global indices (the chunk offsets), so the result
-equals full attention. Gradients come from JAX's autodiff through the ring (``ppermute``
-transposes to the reverse rotation) and blockwise's own backward pass; the backward keeps each
-step's key/value chunk, so a device's attention residuals are the full K and V of its batch
-shard (all other activations shrink by P).
+equals full attention. The backward pass (a ``jax.custom_vjp``) goes around the ring once more:
+each step recomputes the chunk's blockwise forward, takes its VJP with cotangents rescaled to the
+merged output's log-sum-exp, adds the query gradient locally and sends the key/value gradients
+along with the chunk, so the residuals per device are only its own q, k, v, output and
+log-sum-exp (memory flat in the number of devices; one extra blockwise forward per chunk).
 
 Masks must be in vector form (``masks.TokenMask``, or a dense key-padding mask
 ``[B|1, 1, 1, S]``) and biases a ``positions.PositionBias``: a dense ``[T, S]`` array would
@@ -25,8 +26,9 @@ Shapes: B batch, T query length, S key length, N query heads, K key/value heads,
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -36,7 +38,7 @@ from jax.sharding import PartitionSpec
 
 from jaxlm import logical_axes as ax
 from jaxlm.common_types import ConfigError
-from jaxlm.nn.blockwise import blockwise
+from jaxlm.nn.blockwise import blockwise, zero_cotangents
 from jaxlm.nn.masks import TokenMask
 from jaxlm.nn.positions import PositionBias
 
@@ -79,6 +81,143 @@ def _key_padding(mask: jnp.ndarray) -> TokenMask:
             f"not a dense mask of shape {m.shape}"
         )
     return TokenMask(k_valid=m[:, 0, 0, :].astype(bool))
+
+
+class _Static(NamedTuple):
+    """The hashable (non-array) settings of one ring-attention call."""
+
+    axes: tuple[str, ...]
+    p: int
+    rate: float
+    causal: bool
+    window: int | None  # None: traced, in the inputs as "window"
+    block_q: int
+    block_kv: int
+
+
+def _travelling(a: dict[str, Any]) -> dict[str, Any]:
+    """What goes around the ring: the key/value chunk and everything indexed by key."""
+    kv = {"k": a["k"], "v": a["v"]}
+    m, b = a.get("mask"), a.get("bias")
+    if m is not None:
+        kv["k_segments"], kv["k_valid"] = m.k_segments, m.k_valid
+    if b is not None:
+        kv["k_positions"] = b.k_positions
+    return kv
+
+
+def _chunk(a: dict[str, Any], kv: dict[str, Any], table: Any, src: jax.Array, st: _Static):
+    """Blockwise attention of the local queries to the chunk of device ``src``: ``(out, lse)``."""
+    me = lax.axis_index(st.axes)
+    m, b = a.get("mask"), a.get("bias")
+    rng = None
+    if st.rate > 0.0:  # one keep-mask stream per (query chunk, key chunk): forward and backward agree
+        rng = jax.random.fold_in(jax.random.fold_in(a["rng"], me), src)
+    return blockwise(
+        a["q"],
+        kv["k"],
+        kv["v"],
+        mask=None if m is None else TokenMask(m.q_segments, kv.get("k_segments"), kv.get("k_valid")),
+        bias=None if b is None else b.replace(table=table, k_positions=kv["k_positions"]),
+        dropout_rate=st.rate,
+        dropout_rng=rng,
+        causal=st.causal,
+        window=a["window"] if st.window is None else st.window,
+        q_offset=me * a["q"].shape[1],
+        k_offset=src * a["k"].shape[1],
+        block_q=st.block_q,
+        block_kv=st.block_kv,
+        return_lse=True,
+    )
+
+
+def _rotate(tree: Any, st: _Static) -> Any:
+    """Send every array to the next device on the ring."""
+    perm = [(j, (j + 1) % st.p) for j in range(st.p)]
+    return jax.tree.map(lambda x: lax.ppermute(x, st.axes, perm), tree)
+
+
+def _ring_forward(a: dict[str, Any], st: _Static) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """``P`` steps of blockwise attention merged by log-sum-exp: float32 ``out [B, T/P, N, H]`` and ``lse``.
+
+    Rows that see nothing have lse = NEG (the most negative float32) and zero output in every chunk.
+    """
+    me = lax.axis_index(st.axes)
+    table = None if a.get("bias") is None else a["bias"].table
+    kv = _travelling(a)
+    out = lse = None
+    for step in range(st.p):
+        o_i, l_i = _chunk(a, kv, table, (me - step) % st.p, st)
+        if out is None:
+            out, lse = o_i.astype(jnp.float32), l_i
+        else:
+            new = jnp.logaddexp(lse, l_i)
+            out = out * jnp.exp(lse - new)[..., None] + o_i.astype(jnp.float32) * jnp.exp(l_i - new)[..., None]
+            lse = new
+        if step < st.p - 1:
+            kv = _rotate(kv, st)
+    return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _ring(a: dict[str, Any], st: _Static) -> jnp.ndarray:
+    """Ring attention of one device's shard (inside ``shard_map``); a custom VJP keeps memory per device flat."""
+    return _ring_forward(a, st)[0]
+
+
+def _ring_fwd(a: dict[str, Any], st: _Static):
+    out, lse = _ring_forward(a, st)
+    return out, (a, out, lse)
+
+
+def _ring_bwd(st: _Static, res, d_out):
+    """The ring again: each chunk's gradients from a recomputed blockwise pass, dK/dV travelling with K/V.
+
+    With ``w_i = exp(lse_i - lse)`` the weight of chunk i in the merged output, the chunk's own
+    VJP with cotangents ``(w_i dO, w_i (rowsum(dO * o_i) - rowsum(dO * out)))`` gives exactly its
+    share of the gradient (the probabilities it recomputes are relative to its own lse). The
+    residuals are the local q, k, v, out and lse, whatever the number of devices.
+    """
+    a, out, lse = res
+    me = lax.axis_index(st.axes)
+    d_out = d_out.astype(jnp.float32)
+    delta = jnp.sum(d_out * out, axis=-1)
+    bias = a.get("bias")
+    table = None if bias is None else bias.table
+    kv = _travelling(a)
+    grads = {"k": jnp.zeros(a["k"].shape, jnp.float32), "v": jnp.zeros(a["v"].shape, jnp.float32)}
+    dq = jnp.zeros(a["q"].shape, jnp.float32)
+    d_table = None if table is None else jnp.zeros(table.shape, jnp.float32)
+    for step in range(st.p):
+        src = (me - step) % st.p
+        (o_i, l_i), pull = jax.vjp(
+            lambda q, k, v, t, kv=kv, src=src: _chunk({**a, "q": q}, {**kv, "k": k, "v": v}, t, src, st),
+            a["q"],
+            kv["k"],
+            kv["v"],
+            table,
+        )
+        w = jnp.exp(l_i - lse)
+        d_o = (w[..., None] * d_out).astype(o_i.dtype)
+        d_l = w * (jnp.sum(d_out * o_i.astype(jnp.float32), axis=-1) - delta)
+        g_q, g_k, g_v, g_t = pull((d_o, d_l))
+        dq = dq + g_q.astype(jnp.float32)
+        grads = {"k": grads["k"] + g_k.astype(jnp.float32), "v": grads["v"] + g_v.astype(jnp.float32)}
+        if d_table is not None and bias.differentiable:
+            d_table = d_table + g_t.astype(jnp.float32)
+        if step < st.p - 1:
+            kv, grads = _rotate((kv, grads), st)
+    grads = _rotate(grads, st)  # home: device j holds the gradients of chunk j + 1 after the last step
+    d_a = zero_cotangents(a)
+    d_a["q"] = dq.astype(a["q"].dtype)
+    d_a["k"], d_a["v"] = grads["k"].astype(a["k"].dtype), grads["v"].astype(a["v"].dtype)
+    if bias is not None:
+        table_ct = d_table.astype(table.dtype) if bias.differentiable else jnp.zeros_like(table)
+        d_a["bias"] = d_a["bias"].replace(table=table_ct)
+    return (d_a,)
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def ring_attention(
@@ -160,48 +299,14 @@ def ring_attention(
         args["rng"] = dropout_rng
         specs["rng"] = PartitionSpec()
 
+    if not isinstance(window, int):
+        args["window"], specs["window"] = jnp.asarray(window, jnp.int32), PartitionSpec()  # traced: an input
+    static = _Static(
+        tuple(length_axes), p, rate, causal, window if isinstance(window, int) else None, block_q, block_kv
+    )
+
     def local(a: dict[str, Any]) -> jnp.ndarray:
-        me = lax.axis_index(length_axes)
-        t_loc, s_loc = a["q"].shape[1], a["k"].shape[1]
-        m, b = a.get("mask"), a.get("bias")
-        # What travels around the ring: the key/value chunk and everything indexed by key.
-        kv = {"k": a["k"], "v": a["v"]}
-        if m is not None:
-            kv["k_segments"], kv["k_valid"] = m.k_segments, m.k_valid
-        if b is not None:
-            kv["k_positions"] = b.k_positions
-        perm = [(j, (j + 1) % p) for j in range(p)]
-        out = lse = None
-        for step in range(p):
-            src = (me - step) % p  # the device whose chunk we hold now
-            chunk_mask = None if m is None else TokenMask(m.q_segments, kv.get("k_segments"), kv.get("k_valid"))
-            chunk_bias = None if b is None else b.replace(k_positions=kv["k_positions"])
-            rng = None
-            if rate > 0.0:
-                rng = jax.random.fold_in(jax.random.fold_in(a["rng"], me), src)
-            o_i, l_i = blockwise(
-                a["q"],
-                kv["k"],
-                kv["v"],
-                mask=chunk_mask,
-                bias=chunk_bias,
-                dropout_rate=rate,
-                dropout_rng=rng,
-                q_offset=me * t_loc,
-                k_offset=src * s_loc,
-                return_lse=True,
-                **common,
-            )
-            if out is None:
-                out, lse = o_i.astype(jnp.float32), l_i
-            else:
-                new = jnp.logaddexp(lse, l_i)
-                out = out * jnp.exp(lse - new)[..., None] + o_i.astype(jnp.float32) * jnp.exp(l_i - new)[..., None]
-                lse = new
-            if step < p - 1:
-                kv = jax.tree.map(lambda x: lax.ppermute(x, length_axes, perm), kv)
-        # Rows that see nothing have lse = NEG (the most negative float32) and zero output in every chunk.
-        return out.astype(a["q"].dtype)
+        return _ring(a, static).astype(a["q"].dtype)
 
     fn = jax.shard_map(local, mesh=mesh, in_specs=(specs,), out_specs=qkv_spec, check_vma=False)
     return fn(args)

@@ -132,9 +132,9 @@ def test_rolling_cache_decoding_equals_windowed_forward(impl):
         {"params": params}, x, mask=masks.TokenMask(seg, seg), bias=bias, causal=True, window=window, deterministic=True
     )
 
-    @functools.partial(jax.jit, static_argnums=2)
+    @jax.jit
     def step(variables, x, start):
-        chunk_bias = alibi(pos[:, start : start + x.shape[1]], pos, 4)
+        chunk_bias = alibi(jax.lax.dynamic_slice_in_dim(pos, start, x.shape[1], axis=1), pos, 4)
         return module.apply(
             variables, x, bias=chunk_bias, deterministic=True, decode=True, window=window, mutable=["cache"]
         )
