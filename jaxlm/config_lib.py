@@ -81,7 +81,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
 PEFT_METHODS: tuple[str, ...] = ("lora", "dora", "adapter", "prefix", "prompt", "ia3", "bitfit")
 
 
-
 # Which model kinds train on which pre-training objective.
 OBJECTIVE_KINDS: dict[str, tuple[str, ...]] = {
     "causal_lm": ("decoder_only", "rnn"),
@@ -223,7 +222,7 @@ def base_config() -> ml_collections.ConfigDict:
     # checkpoint.every_steps 0 = num_steps/4 (both capped at 10,000).
     c.train.log_every = 0
     c.train.eval_every = -1
-    c.train.eval_steps = 10
+    c.train.eval_steps = 10  # batches per evaluation during training (0 = the whole split; jaxlm eval: all)
     # FLOP/s per device, for MFU; 0 = by device kind and model.dtype from jaxlm/hardware.py
     # (H100, A100, TPU v4/v5e/v5p/v6e); on a CPU, this machine's probed matmul peak (cached per CPU).
     c.train.peak_flops = 0.0
@@ -655,6 +654,26 @@ class DecodeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """Fine-tuning task: which head, its labels and the task's data options."""
+
+    head: str
+    num_labels: int
+    labels: str
+    pooling: str
+    prefix: str
+    targets_len: int
+    max_question_len: int
+    max_answer_len: int
+    qa_impossible: str
+
+    @property
+    def label_list(self) -> list[str]:
+        """``labels`` split on commas (empty when not given)."""
+        return [v.strip() for v in self.labels.split(",") if v.strip()]
+
+
+@dataclasses.dataclass(frozen=True)
 class PeftConfig:
     """Lightweight fine-tuning: which methods, what they adapt and what else trains (see base_config())."""
 
@@ -673,26 +692,6 @@ class PeftConfig:
     def methods(self) -> tuple[str, ...]:
         """``method`` split on commas, without 'none' (empty: no PEFT)."""
         return tuple(m.strip() for m in self.method.split(",") if m.strip() and m.strip() != "none")
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskConfig:
-    """Fine-tuning task: which head, its labels and the task's data options."""
-
-    head: str
-    num_labels: int
-    labels: str
-    pooling: str
-    prefix: str
-    targets_len: int
-    max_question_len: int
-    max_answer_len: int
-    qa_impossible: str
-
-    @property
-    def label_list(self) -> list[str]:
-        """``labels`` split on commas (empty when not given)."""
-        return [v.strip() for v in self.labels.split(",") if v.strip()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -960,10 +959,8 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Config:
     )
     _check(t.num_steps > 0, f"config.train.num_steps={t.num_steps} must be > 0")
     _check(t.log_every >= 0, f"config.train.log_every={t.log_every} must be >= 0 (0 = from num_steps)")
-    _check(
-        t.eval_every >= -1, "config.train.eval_every must be >= -1 (0 = only at the end, -1 = from num_steps)"
-    )
-    _check(t.eval_steps > 0, f"config.train.eval_steps={t.eval_steps} must be > 0")
+    _check(t.eval_every >= -1, "config.train.eval_every must be >= -1 (0 = only at the end, -1 = from num_steps)")
+    _check(t.eval_steps >= 0, f"config.train.eval_steps={t.eval_steps} must be >= 0 (0 = the whole split)")
     _check(t.peak_flops >= 0, "config.train.peak_flops must be >= 0 (FLOP/s per device; 0 = by device kind)")
     _check(t.max_nonfinite_steps >= 1, "config.train.max_nonfinite_steps must be >= 1")
     _check(ck.preemption_grace_s > 0, "config.checkpoint.preemption_grace_s must be > 0 seconds")
@@ -1025,9 +1022,35 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Config:
         want = OBJECTIVE_HEADS[d.objective]
         ok = tk.head == want or (want == "classification" and tk.head == "regression")
         _check(ok, f"config.task.head={tk.head!r} does not fit config.data.objective={d.objective!r}; use auto")
-    _validate_peft(cfg)
     _validate_gan(cfg)
+    _validate_peft(cfg)
     return _resolve_cadence(cfg)
+
+
+def _validate_peft(cfg: Config) -> None:
+    p = cfg.peft
+    names = [n.strip() for n in p.method.split(",") if n.strip()]
+    _check(bool(names), "config.peft.method is empty; use none or a combination of: " + ", ".join(PEFT_METHODS))
+    for name in names:
+        _check(
+            name in PEFT_METHODS or (name == "none" and len(names) == 1),
+            f"config.peft.method={p.method!r}: {name!r} is not one of: none, {', '.join(PEFT_METHODS)} "
+            "(combine with commas, e.g. lora,bitfit)",
+        )
+    _check(len(set(names)) == len(names), f"config.peft.method={p.method!r} names a method twice")
+    _check(not {"lora", "dora"} <= set(names), "config.peft.method combines lora and dora; dora already includes lora")
+    _check(p.rank > 0, f"config.peft.rank={p.rank} must be > 0")
+    _check(math.isfinite(p.alpha) and p.alpha > 0, f"config.peft.alpha={p.alpha} must be > 0")
+    _check(0.0 <= p.dropout < 1.0, f"config.peft.dropout={p.dropout} must be in [0, 1)")
+    _check(p.adapter_dim > 0, f"config.peft.adapter_dim={p.adapter_dim} must be > 0")
+    _check(p.num_virtual_tokens > 0, f"config.peft.num_virtual_tokens={p.num_virtual_tokens} must be > 0")
+    _check(math.isfinite(p.init_scale) and p.init_scale >= 0, "config.peft.init_scale must be >= 0")
+    for field in ("targets", "trainable"):
+        for pattern in (x.strip() for x in getattr(p, field).split(",") if x.strip()):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"config.peft.{field}: {pattern!r} is not a regular expression ({e})") from None
 
 
 def _validate_gan(cfg: Config) -> None:
@@ -1100,32 +1123,6 @@ def _validate_gan(cfg: Config) -> None:
         g.generator != "transformer" or cfg.model.kind == "decoder_only",
         "config.gan.generator='transformer' is config.model's decoder-only model; set config.model.kind=decoder_only",
     )
-
-
-def _validate_peft(cfg: Config) -> None:
-    p = cfg.peft
-    names = [n.strip() for n in p.method.split(",") if n.strip()]
-    _check(bool(names), "config.peft.method is empty; use none or a combination of: " + ", ".join(PEFT_METHODS))
-    for name in names:
-        _check(
-            name in PEFT_METHODS or (name == "none" and len(names) == 1),
-            f"config.peft.method={p.method!r}: {name!r} is not one of: none, {', '.join(PEFT_METHODS)} "
-            "(combine with commas, e.g. lora,bitfit)",
-        )
-    _check(len(set(names)) == len(names), f"config.peft.method={p.method!r} names a method twice")
-    _check(not {"lora", "dora"} <= set(names), "config.peft.method combines lora and dora; dora already includes lora")
-    _check(p.rank > 0, f"config.peft.rank={p.rank} must be > 0")
-    _check(math.isfinite(p.alpha) and p.alpha > 0, f"config.peft.alpha={p.alpha} must be > 0")
-    _check(0.0 <= p.dropout < 1.0, f"config.peft.dropout={p.dropout} must be in [0, 1)")
-    _check(p.adapter_dim > 0, f"config.peft.adapter_dim={p.adapter_dim} must be > 0")
-    _check(p.num_virtual_tokens > 0, f"config.peft.num_virtual_tokens={p.num_virtual_tokens} must be > 0")
-    _check(math.isfinite(p.init_scale) and p.init_scale >= 0, "config.peft.init_scale must be >= 0")
-    for field in ("targets", "trainable"):
-        for pattern in (x.strip() for x in getattr(p, field).split(",") if x.strip()):
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ConfigError(f"config.peft.{field}: {pattern!r} is not a regular expression ({e})") from None
 
 
 def task_head(cfg: Config) -> str:
