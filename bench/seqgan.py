@@ -237,7 +237,7 @@ def main() -> None:
         for name, runner in [("MLE", mle)] + [(m, r) for m, r in gans.items()]:
             rows = [(t, runner.nll_oracle(t), runner.nll_test(t)) for t in temps]
             sweep[name] = rows
-            print(f"  {name:7s} " + "  ".join(f"T={t:.1f}: {q:.2f}/{d:.2f}" for t, q, d in rows), flush=True)
+            print(f"  {name:7s} " + "  ".join(f"T={t:.2f}: {q:.2f}/{d:.2f}" for t, q, d in rows), flush=True)
         result["sweep"] = sweep
         _plot(sweep, os.path.join(common.RESULTS, "seqgan_sweep.png"))
     result["machine_after"] = common.machine()
