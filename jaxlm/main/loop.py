@@ -79,10 +79,14 @@ class Interval:
 
 
 def average(fetched: list[dict[str, Any]]) -> dict[str, float | int]:
-    """One interval's step metrics as one flat dict: the mean of every key; ``nonfinite`` becomes a count."""
+    """One interval's step metrics as one flat dict: each key's mean over the steps that logged it.
+
+    ``nonfinite`` becomes a count (``nonfinite_steps``).
+    """
     out: dict[str, float | int] = {}
-    for key in sorted(fetched[0], key=lambda k: (not k.endswith("loss"), k)):  # losses first, as read
-        values = [float(np.asarray(m[key])) for m in fetched]
+    keys = {k for m in fetched for k in m}  # programs that alternate steps (GANs) log different keys per step
+    for key in sorted(keys, key=lambda k: (not k.endswith("loss"), k)):  # losses first, as read
+        values = [float(np.asarray(m[key])) for m in fetched if key in m]
         if key == "nonfinite":
             out["nonfinite_steps"] = int(sum(values))
         else:
