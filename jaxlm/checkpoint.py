@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxlm import param_paths
 from jaxlm.common_types import CheckpointError
 from jaxlm.config_lib import CheckpointConfig
 
@@ -93,7 +94,7 @@ def _check_shapes(manager: ocp.CheckpointManager, step: int, abstract_state: Any
 
 def _key(path: tuple) -> str:
     """A path as "a/b/0/c", the same for dataclass fields, dict keys and sequence indices."""
-    return "/".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
+    return "/".join(param_paths.key_str(p) for p in path)
 
 
 def latest_step(workdir: str) -> int | None:

@@ -19,7 +19,7 @@ import jax
 import optax
 from jax.sharding import Mesh
 
-from jaxlm import hardware, models, optim, peft, sharding
+from jaxlm import hardware, models, optim, param_paths, peft, sharding
 from jaxlm.common_types import ConfigError
 from jaxlm.config_lib import Config, ModelConfig
 from jaxlm.data import objectives_t5, pipeline
@@ -156,7 +156,7 @@ def _state_specs(abstract_state: TrainState, abstract_params: Any, param_specs: 
 
 
 def _shape_path(path: tuple) -> tuple:
-    return tuple(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
+    return tuple(param_paths.key_str(p) for p in path)
 
 
 def _check_divisible(abstract_state: TrainState, shardings: TrainState) -> None:

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlm import checkpoint, evaluation_gan, sharding
+from jaxlm import checkpoint, evaluation_gan, param_paths, sharding
 from jaxlm.common_types import ConfigError
 from jaxlm.config_lib import Config
 from jaxlm.data import oracle as oracle_data
@@ -146,7 +146,7 @@ def _subtree_specs(tree: Any, abstract_params: Any, param_specs: Any) -> Any:
     (optimizer moments mirror their parameter); other leaves are replicated.
     """
     flat = {
-        tuple(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path): spec
+        tuple(param_paths.key_str(p) for p in path): spec
         for (path, _), spec in zip(
             jax.tree_util.tree_flatten_with_path(abstract_params)[0],
             jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
@@ -154,7 +154,7 @@ def _subtree_specs(tree: Any, abstract_params: Any, param_specs: Any) -> Any:
     }
 
     def spec_for(path: tuple, leaf: Any) -> jax.sharding.PartitionSpec:
-        key = tuple(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
+        key = tuple(param_paths.key_str(p) for p in path)
         for n in range(len(key), 0, -1):
             spec = flat.get(key[-n:])
             if spec is not None and len(spec) == len(leaf.shape):
