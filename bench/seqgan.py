@@ -126,7 +126,7 @@ def main() -> None:
         "--epochs", type=int, default=31, help="MLE pre-training epochs (31 = the reference's epoch 30)"
     )
     parser.add_argument("--adv_minutes", type=float, default=15.0, help="wall-clock budget of each adversarial phase")
-    parser.add_argument("--modes", default="seqgan,gumbel")
+    parser.add_argument("--modes", default="seqgan,gumbel", help='adversarial modes ("": MLE only)')
     parser.add_argument("--eval_rounds", type=int, default=5, help="NLL_oracle every this many adversarial rounds")
     parser.add_argument("--sweep", action="store_true", help="temperature sweep 0.5..1.5 with table and PNG")
     parser.add_argument("--set", action="append", default=[], help="config override for the adversarial phases")
@@ -172,7 +172,7 @@ def main() -> None:
 
     # ---- Adversarial phases from the MLE generator, each under a wall-clock budget.
     gans = {}
-    for mode in args.modes.split(","):
+    for mode in [m for m in args.modes.split(",") if m]:  # --modes "" : MLE only
         cfg = _config(mode, {"gan.pretrain_g_epochs": str(args.epochs)} | overrides)
         runner = Runner(cfg, data, gan.Schedule.from_config(cfg, per_epoch))
         # Continue from the MLE state as the program would (G, its AdamW state, the step counter),

@@ -449,7 +449,10 @@ def _evaluator(config: Config, gan: Gan, data: Data) -> Callable[[gan_steps.GanS
 
 
 def generate(config: Config, workdir: str, fmt: str = "ids") -> list[str]:
-    """``config.decode.num_samples`` sequences from the latest G of ``workdir``: ids (Texygen) or text lines."""
+    """``config.decode.num_samples`` sequences from the latest G of ``workdir``: ids (Texygen) or text lines.
+
+    Text samples are one per line: a line break G samples inside a sequence is written as a space.
+    """
     from jaxlm.common_types import CheckpointError, UserError
 
     workdir = workdir_lib.check_path(workdir, must_exist=True)
@@ -478,7 +481,8 @@ def generate(config: Config, workdir: str, fmt: str = "ids") -> list[str]:
     ids = np.asarray(jax.device_get(sample(state.g_params, jax.random.key(d.seed))))
     if fmt == "ids":
         return [" ".join(str(int(t)) for t in row) for row in ids]
-    return [tokenizer.decode(row[: _length(row, tokenizer.eos_id)]) for row in ids]
+    texts = (tokenizer.decode(row[: _length(row, tokenizer.eos_id)]) for row in ids)
+    return [" ".join(t.splitlines()) for t in texts]
 
 
 def _length(row: np.ndarray, eos_id: int) -> int:
