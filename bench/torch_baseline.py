@@ -46,15 +46,15 @@ VOCAB = 263  # the byte tokenizer's ids
 class Block(nn.Module):
     """nanoGPT's pre-LayerNorm block: fused QKV, SDPA causal attention, GELU MLP."""
 
-    def __init__(self, d: int, heads: int, f: int) -> None:
+    def __init__(self, d: int, heads: int, f: int, bias: bool = True) -> None:
         super().__init__()
         self.heads = heads
-        self.ln_1 = nn.LayerNorm(d)
-        self.c_attn = nn.Linear(d, 3 * d)
-        self.c_proj = nn.Linear(d, d)
-        self.ln_2 = nn.LayerNorm(d)
-        self.c_fc = nn.Linear(d, f)
-        self.mlp_proj = nn.Linear(f, d)
+        self.ln_1 = nn.LayerNorm(d, bias=bias)
+        self.c_attn = nn.Linear(d, 3 * d, bias=bias)
+        self.c_proj = nn.Linear(d, d, bias=bias)
+        self.ln_2 = nn.LayerNorm(d, bias=bias)
+        self.c_fc = nn.Linear(d, f, bias=bias)
+        self.mlp_proj = nn.Linear(f, d, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
@@ -66,14 +66,17 @@ class Block(nn.Module):
 
 
 class NanoGPT(nn.Module):
-    """nanoGPT's GPT: embeddings, blocks, final LayerNorm, LM head tied to the token embedding."""
+    """nanoGPT's GPT: embeddings, blocks, final LayerNorm, LM head tied to the token embedding.
 
-    def __init__(self, vocab: int, max_len: int, layers: int, d: int, heads: int, f: int) -> None:
+    ``bias=False`` drops every Linear and LayerNorm bias (nanoGPT's ``train.py`` default).
+    """
+
+    def __init__(self, vocab: int, max_len: int, layers: int, d: int, heads: int, f: int, bias: bool = True) -> None:
         super().__init__()
         self.wte = nn.Embedding(vocab, d)
         self.wpe = nn.Embedding(max_len, d)
-        self.h = nn.ModuleList(Block(d, heads, f) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(d)
+        self.h = nn.ModuleList(Block(d, heads, f, bias) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d, bias=bias)
         self.lm_head = nn.Linear(d, vocab, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as nanoGPT
         self.apply(self._init)
@@ -90,14 +93,14 @@ class NanoGPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of ``targets`` given ``idx`` (both ``[B, T]``)."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy of ``targets`` given ``idx`` (both ``[B, T]``), reduced by ``reduction``."""
         t = idx.shape[1]
         x = self.wte(idx) + self.wpe(torch.arange(t, device=idx.device))
         for block in self.h:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
 
 
 def make_adamw(params: Any, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.99)) -> Any:
