@@ -107,13 +107,19 @@ def _parser() -> argparse.ArgumentParser:
 
     conv = sub.add_parser(
         "convert",
-        help="import a Hugging Face checkpoint into a workdir (--from hf DIR) or export one (--to hf DIR)",
+        help="import a Hugging Face checkpoint into a workdir (--from hf DIR) or export one (--to hf DIR); "
+        "a Hugging Face PEFT LoRA adapter likewise (--from hf-peft DIR --base BASE, --to hf-peft DIR)",
     )
     direction = conv.add_mutually_exclusive_group(required=True)
-    direction.add_argument("--from", dest="from_format", choices=("hf",), help="import the model directory DIR")
-    direction.add_argument("--to", dest="to_format", choices=("hf",), help="export to the new directory DIR")
+    direction.add_argument(
+        "--from", dest="from_format", choices=("hf", "hf-peft"), help="import the model (or adapter) directory DIR"
+    )
+    direction.add_argument("--to", dest="to_format", choices=("hf", "hf-peft"), help="export to the new directory DIR")
     conv.add_argument("--workdir", required=True, help="the jaxlm run directory to create (--from) or read (--to)")
-    conv.add_argument("path", metavar="DIR", help="Hugging Face model directory (save_pretrained layout)")
+    conv.add_argument(
+        "--base", default="", help="--from hf-peft: the jaxlm workdir holding the model the adapter was trained on"
+    )
+    conv.add_argument("path", metavar="DIR", help="Hugging Face model or PEFT adapter directory (save_pretrained)")
     return parser
 
 
@@ -242,12 +248,23 @@ def run(argv: Sequence[str]) -> int:
     elif args.command == "convert":
         from jaxlm.main import convert
 
-        if args.from_format:
+        if args.base and args.from_format != "hf-peft":
+            raise UserError("--base applies to convert --from hf-peft only (the adapter's base workdir)")
+        if args.from_format == "hf-peft":
+            from jaxlm.main import convert_peft
+
+            convert_peft.run_from_hf_peft(args.path, args.base, args.workdir, overrides=overrides)
+        elif args.from_format:
             convert.run_from_hf(args.path, args.workdir, overrides=overrides)
         else:
             if overrides:
                 raise UserError("--config.* overrides apply to convert --from only; export uses the workdir's config")
-            convert.run_to_hf(args.workdir, args.path)
+            if args.to_format == "hf-peft":
+                from jaxlm.main import convert_peft
+
+                convert_peft.run_to_hf_peft(args.workdir, args.path)
+            else:
+                convert.run_to_hf(args.workdir, args.path)
     return 0
 
 
