@@ -116,6 +116,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.mlp_dim = 1024
     c.model.max_len = 256
     c.model.vocab_size = 0  # 0: the tokenizer's vocabulary size
+    # The model's vocabulary arrays (embedding, LM head) are padded to a multiple of this; the padded
+    # ids are never looked up and their logits are sliced off before any softmax (jaxlm/models/vocab.py).
+    # 0 = auto: 128 on GPU/TPU, the f32 SIMD width on a CPU (16 AVX-512, 8 AVX2; bench/README.md), resolved
+    # once and saved in the workdir's config.json; 1 = no padding. The mesh axes sharding the vocabulary
+    # always divide the padded size as well.
+    c.model.vocab_multiple = 0
     c.model.dropout_rate = 0.0
     c.model.position = "learned"
     c.model.attention = "xla"
@@ -488,6 +494,7 @@ class ModelConfig:
     mlp_dim: int
     max_len: int
     vocab_size: int
+    vocab_multiple: int
     dropout_rate: float
     position: str
     attention: str
@@ -525,6 +532,16 @@ class ModelConfig:
     def head_dim(self) -> int:
         """Width of one attention head."""
         return self.embed_dim // self.num_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the vocabulary arrays: ``vocab_size`` rounded up to ``vocab_multiple`` (0 and 1: unpadded).
+
+        The one place the padded size is computed; ``vocab_multiple`` is resolved (auto, mesh) by
+        ``jaxlm.main.experiment.resolve_vocab_multiple`` before a model is built.
+        """
+        m = max(self.vocab_multiple, 1)
+        return -(-self.vocab_size // m) * m
 
 
 @dataclasses.dataclass(frozen=True)
@@ -909,6 +926,10 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Config:
     )
     _check(m.vocab_size >= 0, "config.model.vocab_size must be >= 0 (0 = the tokenizer's)")
     _check(
+        m.vocab_multiple >= 0,
+        f"config.model.vocab_multiple={m.vocab_multiple} must be >= 0 (0 = auto for the hardware, 1 = no padding)",
+    )
+    _check(
         0.0 <= m.dropout_rate < 1.0,
         f"config.model.dropout_rate={m.dropout_rate} must be in [0, 1)",
     )
@@ -1182,6 +1203,9 @@ def from_json(text: str) -> ml_collections.ConfigDict:
         ) from None
     config = base_config()
     _merge(config, raw, "")
+    if isinstance(raw.get("model"), Mapping) and "vocab_multiple" not in raw["model"]:
+        # Written before vocabulary padding existed: its checkpoints hold unpadded arrays.
+        config.model.vocab_multiple = 1
     return config
 
 

@@ -42,6 +42,7 @@ from jaxlm.data import tokenizers, tokenizers_hf
 from jaxlm.interop import hf, hf_heads
 from jaxlm.main import experiment, lock, restore, task_data
 from jaxlm.main import workdir as workdir_lib
+from jaxlm.models import vocab
 from jaxlm.train_state import TrainState
 
 
@@ -153,6 +154,9 @@ def run_from_hf(
     fresh = hf.fresh_parameters(hf_config, state_dict, dataclasses.asdict(config.model))
     del state_dict
     exp = experiment.build(config, needed)
+    config = exp.config  # model.vocab_multiple resolved: config.json keeps the padding the checkpoint has
+    # Hugging Face holds the real vocabulary; jaxlm's arrays are padded (jaxlm.models.vocab): zero rows.
+    params = vocab.resize(params, exp.vocab_axes, exp.model_cfg.padded_vocab_size)
     params = _match_abstract(params, exp.abstract_state.params)
     with jax.set_mesh(exp.mesh), nn.logical_axis_rules(exp.rules):
         params = jax.device_put(params, exp.state_shardings.params)
@@ -215,7 +219,8 @@ def run_to_hf(workdir: str, hf_dir: str, *, stream: TextIO | None = None) -> str
 
     # ---- Restore and map.
     exp, params, tokenizer, step = restore.open_trained(config, workdir)
-    params = jax.device_get(params)
+    # The padded vocabulary rows (jaxlm.models.vocab) are dropped: Hugging Face holds the real vocabulary.
+    params = vocab.resize(jax.device_get(params), exp.vocab_axes, exp.model_cfg.vocab_size)
     model = dataclasses.asdict(exp.model_cfg)
     if task is not None:  # the head's size is the trained one (num_labels may have come from the dataset)
         outputs = _head_outputs(params)

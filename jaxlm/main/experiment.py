@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -20,11 +21,12 @@ import optax
 from jax.sharding import Mesh
 
 from jaxlm import hardware, models, optim, param_paths, peft, sharding
+from jaxlm import logical_axes as ax
 from jaxlm.common_types import ConfigError
 from jaxlm.config_lib import Config, ModelConfig
 from jaxlm.data import objectives_t5, pipeline
 from jaxlm.data.tokenizers import Tokenizer
-from jaxlm.models import heads
+from jaxlm.models import heads, vocab
 from jaxlm.nn import matmul
 from jaxlm.steps import lm, objectives
 from jaxlm.train_state import TrainState
@@ -46,6 +48,8 @@ class Experiment:
     # base parameters travel beside it with these shapes and shardings (None otherwise).
     abstract_base: Any = None
     base_shardings: Any = None
+    # {parameter path: axis} of the parameters whose axis holds the (padded) vocabulary (jaxlm.models.vocab).
+    vocab_axes: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def enable_compile_cache(directory: str) -> str | None:
@@ -77,6 +81,39 @@ def model_vocab_size(config: Config, tokenizer_vocab: int, tokenizer: Tokenizer 
     return tokenizer_vocab + n
 
 
+# config.model.vocab_multiple=0 (auto): what the matmuls' tiles divide. GPU/TPU: 128 (tensor cores, MXU).
+# CPU: the f32 SIMD width; padding further only adds work there (263 -> 384 made the quick-start step
+# slower; bench/README.md "Vocabulary padding").
+ACCELERATOR_VOCAB_MULTIPLE = 128
+CPU_VOCAB_MULTIPLE: dict[str, int] = {"amx": 16, "avx512_bf16": 16, "avx512": 16, "avx2": 8, "other": 8}
+
+
+def resolve_vocab_multiple(config: Config, mesh_shape: dict[str, int] | None = None) -> Config:
+    """``config`` with a concrete ``model.vocab_multiple`` (auto resolved, times the vocabulary's mesh axes).
+
+    Auto (0) becomes the hardware's multiple, which is then raised to a multiple of the mesh
+    axes that shard the vocabulary (the ``vocab`` and ``act_vocab`` rules).
+    ``mesh_shape`` (axis -> size) defaults to ``config.mesh``'s fixed sizes (a ``-1`` axis counts
+    as 1: ``build`` passes the real mesh).
+    Programs write the result into the workdir's ``config.json``, so a run resumed or evaluated
+    elsewhere keeps the padded size its checkpoints hold. ``ModelConfig.padded_vocab_size``
+    then computes the size.
+    """
+    m = config.model
+    multiple = m.vocab_multiple
+    if multiple == 0:
+        on_cpu = jax.default_backend() == "cpu"
+        multiple = CPU_VOCAB_MULTIPLE[hardware.cpu_info().isa] if on_cpu else ACCELERATOR_VOCAB_MULTIPLE
+    if mesh_shape is None:
+        mesh_shape = {a: max(s, 1) * config.mesh.dcn_shape[a] for a, s in config.mesh.shape.items()}
+    for name, axes in config.sharding.as_tuples():
+        if name in (ax.VOCAB, ax.ACT_VOCAB) and axes:
+            multiple = math.lcm(multiple, math.prod(mesh_shape[a] for a in axes))
+    if multiple == m.vocab_multiple:
+        return config
+    return dataclasses.replace(config, model=dataclasses.replace(m, vocab_multiple=multiple))
+
+
 def example_args(cfg: ModelConfig, seq_len: int, objective: str = "causal_lm") -> tuple[jax.Array, ...]:
     """Positional inputs that initialize a model for ``objective`` (shapes only matter)."""
     return objectives.get(objective).example_args(cfg, seq_len)
@@ -86,8 +123,11 @@ def build(config: Config, vocab_size: int, *, num_steps: int | None = None, num_
     """Mesh, model (with the task head the config asks for), optimizer and the abstract sharded state.
 
     ``num_labels`` sizes a classification or tagging head when the config does not (the
-    dataset's label count, see :mod:`jaxlm.main.task_data`).
+    dataset's label count, see :mod:`jaxlm.main.task_data`). The vocabulary arrays are padded
+    (:func:`resolve_vocab_multiple`; the returned ``Experiment.config`` holds the concrete multiple).
     """
+    mesh = sharding.make_mesh(config.mesh)
+    config = resolve_vocab_multiple(config, dict(mesh.shape))
     model_cfg = models.resolve(config.model, vocab_size)
     if model_cfg.vocab_size < vocab_size:
         raise ConfigError(
@@ -99,7 +139,6 @@ def build(config: Config, vocab_size: int, *, num_steps: int | None = None, num_
         raise ConfigError("config.model.dtype=float16 does not run on the CPU backend; use bfloat16 or float32")
     # The matmuls' operand dtype (model.matmul_dtype) holds for everything traced from here on.
     matmul.set_operand_setting(config.model.matmul_dtype)
-    mesh = sharding.make_mesh(config.mesh)
     rules = config.sharding.as_tuples()
     model = models.build(model_cfg, head=heads.from_config(config, num_labels or None))
     tx = optim.make_optimizer(config.optim, num_steps or config.train.num_steps)
@@ -129,7 +168,17 @@ def build(config: Config, vocab_size: int, *, num_steps: int | None = None, num_
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings
     )
     return Experiment(
-        config, model_cfg, model, tx, mesh, rules, abstract_state, state_shardings, abstract_base, base_shardings
+        config,
+        model_cfg,
+        model,
+        tx,
+        mesh,
+        rules,
+        abstract_state,
+        state_shardings,
+        abstract_base,
+        base_shardings,
+        vocab.vocab_axes(boxed),
     )
 
 

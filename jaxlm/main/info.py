@@ -30,6 +30,7 @@ def describe(config: Config) -> dict[str, Any]:
         trained = config.data.tokenizer_vocab_size or tokenizers_sp.DEFAULT_VOCAB_SIZE  # 0: at most the default
         vocab = tokenizers.build("byte").vocab_size if byte else trained
         vocab = experiment.model_vocab_size(config, vocab)
+    config = experiment.resolve_vocab_multiple(config)  # the padded vocabulary arrays (jaxlm/models/vocab.py)
     cfg = models.resolve(config.model, vocab)
     # A fine-tuning config's model carries its task head (sized by the task's labels).
     head = None
@@ -74,6 +75,11 @@ def run(config: Config, *, stream: TextIO | None = None) -> dict[str, Any]:
     print(
         f"model: {cfg.kind}  layers={cfg.num_layers} heads={cfg.num_heads} embed={cfg.embed_dim} "
         f"mlp={cfg.mlp_dim} vocab={cfg.vocab_size} max_len={cfg.max_len}",
+        file=out,
+    )
+    print(
+        f"vocabulary: {cfg.vocab_size} ids, arrays padded to {cfg.padded_vocab_size} "
+        f"(a multiple of {cfg.vocab_multiple}; config.model.vocab_multiple)",
         file=out,
     )
     print(f"parameters: {info['total']:,}", file=out)

@@ -36,7 +36,9 @@ def open_peft(config: Config, workdir: str) -> tuple[experiment.Experiment, Any,
     base = experiment.init_params(exp, config.seed)
     step = None
     if config.checkpoint.init_from:
-        base, report = init_from.load(config.checkpoint.init_from, base)
+        base, report = init_from.load(
+            config.checkpoint.init_from, base, vocab_axes=exp.vocab_axes, real_vocab=exp.model_cfg.vocab_size
+        )
         step = report.step
     fetch = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))  # noqa: E731
     ref = peft.base_reference(base, config.peft, init_from=config.checkpoint.init_from, step=step, fetch=fetch)

@@ -18,7 +18,7 @@ def open_trained(config: Config, workdir: str) -> tuple[experiment.Experiment, A
     Returns ``(experiment, params, tokenizer, step)``.
     """
     workdir = workdir_lib.check_path(workdir, must_exist=True)
-    workdir_lib.check_compatible(workdir, config)
+    config = workdir_lib.check_compatible(workdir, config)  # its vocabulary padding is the saved run's
     tokenizer = tokenizers.load(workdir)
     num_labels = task_data.resolve(config).num_labels if config_lib.task_head(config) != "none" else 0
     exp = experiment.build(

@@ -75,7 +75,9 @@ def _peft_base(exp: experiment.Experiment, config: Config, stream: TextIO | None
     base = experiment.init_params(exp, config.seed)
     step = None
     if config.checkpoint.init_from:
-        base, report = init_from.load(config.checkpoint.init_from, base)
+        base, report = init_from.load(
+            config.checkpoint.init_from, base, vocab_axes=exp.vocab_axes, real_vocab=exp.model_cfg.vocab_size
+        )
         step = report.step
         if stream is not None:
             print(report.summary(), file=stream, flush=True)
@@ -116,7 +118,7 @@ def _run(config: Config, workdir: str, *, stop_at: int | None, stream: TextIO | 
 
     # ---- Workdir and config: refuse bad input before anything is written.
     workdir = workdir_lib.check_path(workdir)
-    workdir_lib.check_compatible(workdir, config)
+    config = workdir_lib.check_compatible(workdir, config)  # a resumed run keeps its vocabulary padding
     if lead:  # the first line: what the auto switches chose on this machine, and why
         m = config.model
         switches = hardware.describe_switches(
@@ -143,6 +145,7 @@ def _run(config: Config, workdir: str, *, stop_at: int | None, stream: TextIO | 
     # ---- Mesh, model (with its task head), optimizer, abstract sharded state.
     vocab = experiment.model_vocab_size(config, tokenizer.vocab_size, tokenizer)
     exp = experiment.build(config, vocab, num_labels=task.num_labels)
+    config = exp.config  # model.vocab_multiple resolved for this hardware and mesh: config.json keeps it
     divisor = sharding.batch_divisor(exp.mesh, exp.rules)
     if config.data.batch_size % (divisor * config.optim.grad_accum_steps):
         raise ConfigError(
@@ -182,7 +185,10 @@ def _run(config: Config, workdir: str, *, stop_at: int | None, stream: TextIO | 
         start = 0
         state = experiment.init_state(exp, config.seed)
         if config.checkpoint.init_from:
-            params, report = init_from.load(config.checkpoint.init_from, state.params)
+            real_vocab = exp.model_cfg.vocab_size
+            params, report = init_from.load(
+                config.checkpoint.init_from, state.params, vocab_axes=exp.vocab_axes, real_vocab=real_vocab
+            )
             state = state.replace(params=params)
             if lead:
                 print(report.summary(), file=stream, flush=True)

@@ -73,12 +73,28 @@ def saved_config(workdir: str) -> ml_collections.ConfigDict | None:
         raise ConfigError(f"{path}: {e}") from None
 
 
-def check_compatible(workdir: str, config: Config) -> None:
-    """Refuse to resume from a workdir whose model (or tokenizer) differs from ``config``."""
+def check_compatible(workdir: str, config: Config) -> Config:
+    """Refuse to resume from a workdir whose model (or tokenizer) differs from ``config``.
+
+    Returns ``config`` with the saved run's ``model.vocab_multiple``: the saved config wins, since
+    its checkpoints hold vocabulary arrays padded by it (a ``config.json`` written before padding
+    existed reads as 1, unpadded; see ``jaxlm.models.vocab``).
+    """
     saved = saved_config(workdir)
     if saved is None:
-        return
-    old = config_lib.flatten(_asdict(config_lib.validate(saved)))
+        return config
+    saved_cfg = config_lib.validate(saved)
+    multiple = saved_cfg.model.vocab_multiple
+    if multiple and multiple != config.model.vocab_multiple:
+        if config.model.vocab_multiple:  # set explicitly (0 is auto)
+            print(
+                f"notice: config.model.vocab_multiple={config.model.vocab_multiple} ignored: the run in {workdir} "
+                f"pads its vocabulary to a multiple of {multiple}",
+                file=sys.stderr,
+                flush=True,
+            )
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_multiple=multiple))
+    old = config_lib.flatten(_asdict(saved_cfg))
     new = config_lib.flatten(_asdict(config))
     for key in sorted(new):
         if any(key == f or key.startswith(f + ".") for f in COMPATIBILITY_FIELDS) and old.get(key) != new[key]:
@@ -88,6 +104,7 @@ def check_compatible(workdir: str, config: Config) -> None:
                 f"--workdir {workdir} holds a run with {key}={old.get(key)!r} but the config says {new[key]!r}; "
                 "use a new --workdir or the same model config"
             )
+    return config
 
 
 def _asdict(config: Config) -> dict:

@@ -1,7 +1,8 @@
 """Quantities derived from a ModelConfig: dtypes, matmul parameter counts and FLOPs per token.
 
 Shapes: L layers, T sequence length, D model (embedding) dim, F mlp dim, N heads, K key/value
-heads, H head dim, V vocab, G recurrent gates.
+heads, H head dim, V vocab, G recurrent gates. V is the real vocabulary (``vocab_size``): the
+columns a padded LM head computes past it (:mod:`jaxlm.models.vocab`) are not model FLOPs.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ Parameter tree (unrolled; ``scan_layers`` stacks the blocks as ``blocks/layers/b
     head/...                         a task head (jaxlm.models.heads) instead of the LM head
 
 The default config is GPT-2's layout (``jaxlm.interop.hf`` maps its weights onto this tree).
+The ``V`` of the vocabulary arrays is ``cfg.padded_vocab_size``; the returned logits cover the
+real ``cfg.vocab_size`` ids (:mod:`jaxlm.models.vocab`).
 
 Shapes: B batch, T length, D model dim, V vocab.
 """
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 from jaxlm import logical_axes as ax
 from jaxlm.common_types import ConfigError
 from jaxlm.config_lib import ModelConfig
-from jaxlm.models import heads
+from jaxlm.models import heads, vocab
 from jaxlm.models.heads import HeadConfig
 from jaxlm.models.transformer import ACT, BlockStack, CachePositions, add_positions, dtypes, is_tiled, norm
 from jaxlm.nn import masks
@@ -81,7 +83,7 @@ class DecoderOnly(nn.Module):
         cfg = self.cfg
         dt, pdt = dtypes(cfg)
         q_pos, k_pos = CachePositions(name="cache_positions")(tokens, positions, decode=decode)
-        embed = Embed(cfg.vocab_size, cfg.embed_dim, dtype=dt, param_dtype=pdt, name="token_embed")
+        embed = Embed(cfg.padded_vocab_size, cfg.embed_dim, dtype=dt, param_dtype=pdt, name="token_embed")
         x = add_positions(cfg, embed(tokens), q_pos)
         x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ACT)
@@ -104,8 +106,14 @@ class DecoderOnly(nn.Module):
             logits = embed.attend(x)
         else:
             logits = DenseGeneral(
-                (cfg.vocab_size,), (ax.EMBED, ax.VOCAB), use_bias=False, dtype=dt, param_dtype=pdt, name="lm_head"
+                (cfg.padded_vocab_size,),
+                (ax.EMBED, ax.VOCAB),
+                use_bias=False,
+                dtype=dt,
+                param_dtype=pdt,
+                name="lm_head",
             )(x).astype(jnp.float32)
+        logits = vocab.real_logits(cfg, logits)  # padded ids never reach a softmax (jaxlm/models/vocab.py)
         return nn.with_logical_constraint(logits, (ax.ACT_BATCH, ax.ACT_LENGTH, ax.ACT_VOCAB))
 
     def _task_head(

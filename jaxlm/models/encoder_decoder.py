@@ -55,6 +55,7 @@ import jax.numpy as jnp
 
 from jaxlm import logical_axes as ax
 from jaxlm.config_lib import ModelConfig
+from jaxlm.models import vocab
 from jaxlm.models.transformer import ACT, BlockStack, CachePositions, add_positions, dtypes, is_tiled, norm
 from jaxlm.nn import masks
 from jaxlm.nn.dropout import Dropout
@@ -172,12 +173,12 @@ class EncoderDecoder(nn.Module):
         """Create the shared embedding, both stacks and (untied) the LM head."""
         cfg = self.cfg
         dt, pdt = dtypes(cfg)
-        self.token_embed = Embed(cfg.vocab_size, cfg.embed_dim, dtype=dt, param_dtype=pdt)
+        self.token_embed = Embed(cfg.padded_vocab_size, cfg.embed_dim, dtype=dt, param_dtype=pdt)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         if not cfg.tie_embeddings:
             self.lm_head = DenseGeneral(
-                (cfg.vocab_size,), (ax.EMBED, ax.VOCAB), use_bias=False, dtype=dt, param_dtype=pdt
+                (cfg.padded_vocab_size,), (ax.EMBED, ax.VOCAB), use_bias=False, dtype=dt, param_dtype=pdt
             )
 
     def encode(
@@ -277,6 +278,7 @@ class EncoderDecoder(nn.Module):
             logits = self.token_embed.attend(x)
         else:
             logits = self.lm_head(x).astype(jnp.float32)
+        logits = vocab.real_logits(self.cfg, logits)  # padded ids never reach a softmax (jaxlm/models/vocab.py)
         return nn.with_logical_constraint(logits, (ax.ACT_BATCH, ax.ACT_LENGTH, ax.ACT_VOCAB))
 
     def __call__(

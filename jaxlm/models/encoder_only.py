@@ -57,7 +57,7 @@ import jax.numpy as jnp
 
 from jaxlm import logical_axes as ax
 from jaxlm.config_lib import ModelConfig
-from jaxlm.models import heads
+from jaxlm.models import heads, vocab
 from jaxlm.models.heads import HeadConfig
 from jaxlm.models.transformer import ACT, BlockStack, add_positions, dtypes, is_tiled, norm
 from jaxlm.nn import masks, matmul
@@ -119,14 +119,19 @@ class MlmHead(nn.Module):
         h = norm(cfg, "transform_norm")(h)
         if embedding is None:
             logits = DenseGeneral(
-                (cfg.vocab_size,), (ax.EMBED, ax.VOCAB), use_bias=False, dtype=dt, param_dtype=pdt, name="decoder"
+                (cfg.padded_vocab_size,),
+                (ax.EMBED, ax.VOCAB),
+                use_bias=False,
+                dtype=dt,
+                param_dtype=pdt,
+                name="decoder",
             )(h).astype(jnp.float32)
         else:
             logits = matmul.einsum("btd,vd->btv", h, embedding, dt)
         bias = self.param(
-            "bias", nn.with_logical_partitioning(nn.initializers.zeros, (ax.VOCAB,)), (cfg.vocab_size,), pdt
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros, (ax.VOCAB,)), (cfg.padded_vocab_size,), pdt
         )
-        return logits + bias.astype(jnp.float32)
+        return vocab.real_logits(cfg, logits + bias.astype(jnp.float32))  # padded ids never reach a softmax
 
 
 class EncoderOnly(nn.Module):
@@ -173,7 +178,7 @@ class EncoderOnly(nn.Module):
         dt, pdt = dtypes(cfg)
         if positions is None:
             positions = positions_like(tokens)
-        embed = Embed(cfg.vocab_size, cfg.embed_dim, dtype=dt, param_dtype=pdt, name="token_embed")
+        embed = Embed(cfg.padded_vocab_size, cfg.embed_dim, dtype=dt, param_dtype=pdt, name="token_embed")
         x = add_positions(cfg, embed(tokens), positions)
         if cfg.type_vocab_size:
             table = TypeEmbed(cfg.type_vocab_size, cfg.embed_dim, param_dtype=pdt, name="type_embed")()

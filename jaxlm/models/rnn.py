@@ -42,6 +42,7 @@ import jax.numpy as jnp
 
 from jaxlm import logical_axes as ax
 from jaxlm.config_lib import ModelConfig
+from jaxlm.models import vocab
 from jaxlm.models.transformer import REMAT_POLICIES, dtypes
 from jaxlm.nn import matmul
 from jaxlm.nn.dropout import Dropout
@@ -178,7 +179,7 @@ class RnnLM(nn.Module):
         del positions  # a recurrence needs no positions
         cfg = self.cfg
         dt, pdt = dtypes(cfg)
-        embed = Embed(cfg.vocab_size, cfg.embed_dim, dtype=dt, param_dtype=pdt, name="token_embed")
+        embed = Embed(cfg.padded_vocab_size, cfg.embed_dim, dtype=dt, param_dtype=pdt, name="token_embed")
         x = nn.with_logical_constraint(embed(tokens), ACT)
         resets = segment_resets(segment_ids) if (segment_ids is not None and not decode) else None
         if cfg.remat not in REMAT_POLICIES:
@@ -209,13 +210,14 @@ class RnnLM(nn.Module):
             logits = embed.attend(x)
         else:
             logits = DenseGeneral(
-                (cfg.vocab_size,),
+                (cfg.padded_vocab_size,),
                 (ax.EMBED, ax.VOCAB),
                 use_bias=cfg.use_bias,
                 dtype=dt,
                 param_dtype=pdt,
                 name="lm_head",
             )(x).astype(jnp.float32)
+        logits = vocab.real_logits(cfg, logits)  # padded ids never reach a softmax (jaxlm/models/vocab.py)
         return nn.with_logical_constraint(logits, (ax.ACT_BATCH, ax.ACT_LENGTH, ax.ACT_VOCAB))
 
 
