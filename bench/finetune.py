@@ -83,10 +83,15 @@ def main() -> None:
                 f"scratch {scr['score']:.4f} ({scr['seconds']:.0f}s)  {args.finetune_steps} steps",
                 flush=True,
             )
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"machine": common.machine(), "args": vars(args), "rows": rows}, f, indent=1)
+            _write(args, rows)  # after every row: a run stopped part-way keeps what it measured
     print(f"wrote {args.out}")
+
+
+def _write(args: argparse.Namespace, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out + ".tmp", "w") as f:
+        json.dump({"machine": common.machine(), "args": vars(args), "rows": rows}, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
 
 
 if __name__ == "__main__":
