@@ -78,6 +78,10 @@ CASES = {
 }
 
 
+# How a case's jaxlm base runs (the adapter maps onto the nn.scan layout too).
+BASE_OVERRIDES = {"gpt2-c_attn": {"model.scan_layers": "true"}}
+
+
 def _tokens():
     rng = np.random.default_rng(0)
     return rng.integers(1, VOCAB, size=(2, 12))
@@ -105,7 +109,7 @@ def _prepare(root, name):
     make, kwargs, _ = CASES[name]
     model_dir, base, adapter_dir = (str(root / n) for n in ("hf", "base", "adapter"))
     make().save_pretrained(model_dir)
-    convert.run_from_hf(model_dir, base, overrides=UNPADDED, stream=QUIET)
+    convert.run_from_hf(model_dir, base, overrides=UNPADDED | BASE_OVERRIDES.get(name, {}), stream=QUIET)
     model = type(make()).from_pretrained(model_dir).eval()
     wrapped = hf_peft_lib.get_peft_model(model, hf_peft_lib.LoraConfig(r=4, lora_alpha=8, **kwargs)).eval()
     torch.manual_seed(2)
