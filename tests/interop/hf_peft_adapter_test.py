@@ -25,6 +25,7 @@ from jaxlm.common_types import UserError  # noqa: E402
 from jaxlm.interop import hf, hf_peft  # noqa: E402
 from jaxlm.main import convert, convert_peft, merge  # noqa: E402
 from jaxlm.main import workdir as workdir_lib  # noqa: E402
+from jaxlm.models.heads import HeadConfig  # noqa: E402
 
 VOCAB = 300  # no tokenizer.json: the import uses bytes (263 ids)
 QUIET = open(os.devnull, "w")
@@ -245,3 +246,43 @@ def test_unmappable_adapters_and_runs_are_one_line_errors(hf_dirs, tmp_path):
     convert.run_from_hf(other_dir, other, overrides=UNPADDED, stream=QUIET)
     with pytest.raises(UserError, match="give the base it was trained on"):
         convert_peft.run_from_hf_peft(str(tmp_path / "exported"), other, str(tmp_path / "w2"), stream=QUIET)
+
+
+def test_bert_classifier_lora_exports_head_and_pooler_as_modules_to_save(tmp_path):
+    """A jaxlm LoRA run that also trained the task head and BERT's pooler (the default trainable) loads in peft."""
+    hf_model = _bert(transformers.BertForSequenceClassification, num_labels=3)
+    hf_config = {**hf_model.config.to_dict(), "architectures": ["BertForSequenceClassification"]}
+    state = {k: v.detach().numpy().copy() for k, v in hf_model.state_dict().items()}
+    fields = hf.model_fields_from_hf(hf_config, state=state)
+    params = hf.params_from_hf(hf_config, state, fields)
+    c = config_lib.base_config()
+    c.peft.method, c.peft.targets, c.peft.rank, c.peft.alpha = "lora", "attn/(query|value)", 4, 8.0
+    cfg = config_lib.validate(c).peft  # trainable: the default head/|pooler/
+    trainable = peft.init(jax.random.key(0), params, cfg)
+    rng = np.random.default_rng(4)
+    trainable = jax.tree.map(lambda x: np.asarray(x) + 0.3 * rng.standard_normal(x.shape), trainable)
+    delta: dict = {}
+    for path, value in param_paths.flatten(trainable["delta"]).items():
+        kernel, _, leaf = path.rpartition("/")
+        delta.setdefault(kernel, {})[leaf] = np.asarray(value, np.float32)
+    kept = {p: np.asarray(v, np.float32) for p, v in param_paths.flatten(trainable["params"]).items()}
+    assert sorted(kept) == ["head/classifier/bias", "head/classifier/kernel", "pooler/bias", "pooler/kernel"]
+    adapter = hf_peft.Adapter("lora", 4, 8.0, 0.0, delta, kept, num_layers=2)
+    config, tensors, _ = hf_peft.adapter_to_peft(adapter, {**fields, "kind": "encoder_only"}, {}, task_type="SEQ_CLS")
+    assert config["modules_to_save"] == ["classifier", "pooler"]
+    hf_peft.write_adapter(str(tmp_path), config, tensors)
+    loaded = hf_peft_lib.PeftModel.from_pretrained(hf_model, str(tmp_path), is_trainable=True).eval()
+    assert loaded.get_nb_trainable_parameters()[0] == peft.count(trainable)
+    model_cfg = dataclasses.replace(config_lib.validate(config_lib.base_config()).model, **fields)
+    jax_model = models.build(model_cfg, head=HeadConfig("classification", 3))
+    tokens = _tokens()
+    effective = peft.effective_params(params, trainable, cfg)
+    got = np.asarray(jax_model.apply({"params": effective}, tokens, segment_ids=np.ones_like(tokens))["logits"])
+    diff = float(np.abs(got - _hf_logits(loaded, tokens)).max())
+    print(f"BERT classifier LoRA + head + pooler export: max |logit difference| {diff:.2e}")
+    assert diff < 1e-4
+    # Imported back, the head and pooler return to their jaxlm paths.
+    back = hf_peft.adapter_from_peft(config, tensors, {**fields, "kind": "encoder_only"})
+    assert sorted(back.params) == sorted(kept)
+    for path, value in kept.items():
+        np.testing.assert_allclose(back.params[path], value, rtol=1e-6, atol=1e-7)
