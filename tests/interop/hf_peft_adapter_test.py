@@ -208,7 +208,9 @@ def test_gpt2_query_value_loras_export_as_one_block_diagonal_c_attn(hf_dirs, tmp
     model_cfg = config_lib.validate(config_lib.base_config()).model
     jax_model = models.build(dataclasses.replace(model_cfg, **fields))
     tokens = _tokens()
-    got = np.asarray(jax_model.apply({"params": peft.effective_params(params, trainable, cfg)}, tokens))
+    # Jitted: op by op, each op would compile for the 8 test devices.
+    forward = jax.jit(lambda p, t: jax_model.apply({"params": peft.effective_params(p, t, cfg)}, tokens))
+    got = np.asarray(forward(params, trainable))
     diff = float(np.abs(got - _hf_logits(loaded, tokens)).max())
     print(f"block-diagonal c_attn DoRA export: max |logit difference| {diff:.2e}")
     assert diff < 1e-4
@@ -276,8 +278,12 @@ def test_bert_classifier_lora_exports_head_and_pooler_as_modules_to_save(tmp_pat
     model_cfg = dataclasses.replace(config_lib.validate(config_lib.base_config()).model, **fields)
     jax_model = models.build(model_cfg, head=HeadConfig("classification", 3))
     tokens = _tokens()
-    effective = peft.effective_params(params, trainable, cfg)
-    got = np.asarray(jax_model.apply({"params": effective}, tokens, segment_ids=np.ones_like(tokens))["logits"])
+    forward = jax.jit(
+        lambda p, t: jax_model.apply(
+            {"params": peft.effective_params(p, t, cfg)}, tokens, segment_ids=np.ones_like(tokens)
+        )["logits"]
+    )
+    got = np.asarray(forward(params, trainable))
     diff = float(np.abs(got - _hf_logits(loaded, tokens)).max())
     print(f"BERT classifier LoRA + head + pooler export: max |logit difference| {diff:.2e}")
     assert diff < 1e-4
