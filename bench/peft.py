@@ -127,6 +127,7 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown --methods / --tasks {unknown}; methods: {', '.join(METHODS)}; tasks: {', '.join(TASKS)}")
     rows, skipped = [], []
+    out = args.out or os.path.join(ROOT, "bench", "results", f"peft_{args.size}.json")
     for model in args.models.split(","):
         base = os.path.join(bases, f"{model}-pretrain")
         if not os.path.isdir(os.path.join(base, "checkpoints")):
@@ -185,6 +186,7 @@ def main() -> None:
                     "seconds": seconds,
                 }
                 rows.append(row)
+                _write(args, out, rows, skipped, final=False)  # a long run keeps what it measured so far
                 nan = float("nan")
                 score, step = row["score"] if row["score"] is not None else nan, row["median_step_time_s"] or nan
                 print(
@@ -196,9 +198,12 @@ def main() -> None:
     verdicts = _verdicts(rows)
     for line in verdicts:
         print(line)
-    out = args.out or os.path.join(ROOT, "bench", "results", f"peft_{args.size}.json")
-    payload = {"machine": common.machine(), "args": vars(args), "rows": rows, "skipped": skipped, "goal": verdicts}
-    print(f"wrote {common.write_result(f'peft_{args.size}', payload, path=out)}")
+    print(f"wrote {_write(args, out, rows, skipped, final=True)}")
+
+
+def _write(args: argparse.Namespace, out: str, rows: list[dict], skipped: list[dict], *, final: bool) -> str:
+    payload = {"machine": common.machine(), "args": vars(args), "complete": final, "rows": rows, "skipped": skipped}
+    return common.write_result(f"peft_{args.size}", payload | {"goal": _verdicts(rows)}, path=out)
 
 
 def _verdicts(rows: list[dict]) -> list[str]:
