@@ -527,6 +527,13 @@ class ModelConfig:
     rope_llama3_low_freq_factor: float
     rope_llama3_high_freq_factor: float
     attention_window: tuple[int, ...]
+    # Derived from config.peft by validate(), not config keys (never in config.json): the modules
+    # lightweight fine-tuning adds to the forward pass (jaxlm.nn.adapters, jaxlm.nn.virtual_tokens).
+    # adapter_dim 0 = no bottleneck adapters; prefix_tokens / prompt_tokens 0 = none.
+    adapter_dim: int = dataclasses.field(default=0, kw_only=True, metadata={"derived": True})
+    adapter_kind: str = dataclasses.field(default="houlsby", kw_only=True, metadata={"derived": True})
+    prefix_tokens: int = dataclasses.field(default=0, kw_only=True, metadata={"derived": True})
+    prompt_tokens: int = dataclasses.field(default=0, kw_only=True, metadata={"derived": True})
 
     @property
     def head_dim(self) -> int:
@@ -780,7 +787,7 @@ def _to_dataclass(cls: type, value: Any, path: str) -> Any:
     if not isinstance(value, Mapping):
         raise ConfigError(f"config.{path} must be a section, got {value!r}")
     hints = _type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("derived")]
     unknown = sorted(set(value) - set(names))
     if unknown:
         raise ConfigError(f"unknown key config.{_dotted(path, unknown[0])}; valid keys: {', '.join(names)}")
@@ -1045,7 +1052,7 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Config:
         _check(ok, f"config.task.head={tk.head!r} does not fit config.data.objective={d.objective!r}; use auto")
     _validate_gan(cfg)
     _validate_peft(cfg)
-    return _resolve_cadence(cfg)
+    return _resolve_cadence(_with_peft_modules(cfg))
 
 
 def _validate_peft(cfg: Config) -> None:
@@ -1072,6 +1079,65 @@ def _validate_peft(cfg: Config) -> None:
                 re.compile(pattern)
             except re.error as e:
                 raise ConfigError(f"config.peft.{field}: {pattern!r} is not a regular expression ({e})") from None
+    _validate_peft_modules(cfg, names)
+
+
+# Model kinds each forward-pass PEFT method fits (jaxlm.nn.adapters, jaxlm.nn.virtual_tokens).
+PEFT_MODULE_KINDS: dict[str, tuple[str, ...]] = {
+    "adapter": ("decoder_only", "encoder_only", "encoder_decoder"),
+    "prefix": ("decoder_only", "encoder_only"),
+    "prompt": ("decoder_only", "encoder_only"),
+}
+
+
+def _validate_peft_modules(cfg: Config, names: list[str]) -> None:
+    """Adapters, prefixes and prompts change the model: which models and attention settings take them."""
+    m, p = cfg.model, cfg.peft
+    _check(
+        not {"prefix", "prompt"} <= set(names),
+        f"config.peft.method={p.method!r} combines prefix and prompt tuning; pick one",
+    )
+    for name in names:
+        kinds = PEFT_MODULE_KINDS.get(name)
+        if kinds is None:
+            continue
+        _check(
+            m.kind in kinds,
+            f"config.peft.method={p.method!r}: {name} needs config.model.kind in {', '.join(kinds)}, "
+            f"not {m.kind!r}; use lora, dora, ia3 or bitfit there",
+        )
+        if name == "adapter":
+            continue
+        _check(
+            m.attention not in ("blockwise", "ring"),
+            f"config.peft.method={p.method!r}: {name} tuning needs config.model.attention=xla or dot_product "
+            f"(its virtual tokens are attended across packed segments, which {m.attention} masks cannot express)",
+        )
+        windows = m.attention_window if isinstance(m.attention_window, (tuple, list)) else (m.attention_window,)
+        _check(
+            not any(windows),
+            f"config.peft.method={p.method!r}: {name} tuning needs full attention; set config.model.attention_window=0",
+        )
+        if m.position in ("learned", "sinusoidal"):
+            _check(
+                cfg.data.seq_len + p.num_virtual_tokens <= m.max_len,
+                f"config.peft.num_virtual_tokens={p.num_virtual_tokens}: the virtual tokens take positions "
+                f"0..{p.num_virtual_tokens - 1}, so config.data.seq_len={cfg.data.seq_len} plus them exceeds "
+                f"config.model.max_len={m.max_len}; lower one of them",
+            )
+
+
+def _with_peft_modules(cfg: Config) -> Config:
+    """Fill the derived ModelConfig fields that make the model grow config.peft's modules."""
+    methods, p = cfg.peft.methods, cfg.peft
+    model = dataclasses.replace(
+        cfg.model,
+        adapter_dim=p.adapter_dim if "adapter" in methods else 0,
+        adapter_kind=p.adapter_kind,
+        prefix_tokens=p.num_virtual_tokens if "prefix" in methods else 0,
+        prompt_tokens=p.num_virtual_tokens if "prompt" in methods else 0,
+    )
+    return dataclasses.replace(cfg, model=model)
 
 
 def _validate_gan(cfg: Config) -> None:
@@ -1185,8 +1251,18 @@ def _divisor_near(n: int, k: int) -> int:
 
 def to_json(config: Config | ml_collections.ConfigDict) -> str:
     """Serialize a config to JSON (for the workdir's config.json)."""
-    raw = dataclasses.asdict(config) if isinstance(config, Config) else config.to_dict()
+    raw = _config_keys(config) if isinstance(config, Config) else config.to_dict()
     return json.dumps(raw, indent=2, sort_keys=False)
+
+
+def _config_keys(obj: Any) -> Any:
+    """``dataclasses.asdict`` without the derived fields (they are recomputed by validate())."""
+    if dataclasses.is_dataclass(obj):
+        fields = [f for f in dataclasses.fields(obj) if not f.metadata.get("derived")]
+        return {f.name: _config_keys(getattr(obj, f.name)) for f in fields}
+    if isinstance(obj, dict):
+        return {k: _config_keys(v) for k, v in obj.items()}
+    return obj
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:

@@ -1,4 +1,4 @@
-"""Lightweight fine-tuning (``config.peft``): LoRA, DoRA, IA3 and BitFit as functional weight transforms.
+"""Lightweight fine-tuning (``config.peft``): LoRA, DoRA, IA3, BitFit, adapters, prefix and prompt tuning.
 
 A PEFT run keeps the pretrained parameters (the *base*) frozen and trains a small tree::
 
@@ -26,6 +26,17 @@ flattened) and transformed as in Hugging Face ``peft``:
   ``feedforward_modules``), its inputs.
 * BitFit: every bias stays trainable (a path selection; no delta).
 
+Bottleneck adapters, prefix tuning and prompt tuning change the forward pass, so they are model
+modules: ``config_lib.validate`` derives ``config.model``'s ``adapter_dim`` / ``adapter_kind`` /
+``prefix_tokens`` / ``prompt_tokens`` from ``config.peft``, the models then grow
+``.../adapter_attn/...``, ``.../adapter_mlp/...`` (:mod:`jaxlm.nn.adapters`),
+``.../attn/prefix/{key, value}`` or ``prompt/embedding`` (:mod:`jaxlm.nn.virtual_tokens`), and
+here they are a path selection like BitFit (``MODULE_PATHS``): their fresh initialization is
+part of the base (``init_from`` reports them as initialized), copied into ``trainable["params"]``
+and trained; the rest stays frozen. They compose with the weight transforms (e.g.
+``adapter,lora``, ``prompt,bitfit``). ``jaxlm merge`` cannot fold them (they are not weights of
+the base model).
+
 LoRA dropout: a weight transform cannot drop per token; dropout here zeroes input features of
 ``A`` per step (shared by the batch), an approximation of ``peft``'s per-token input dropout.
 
@@ -52,8 +63,15 @@ from jaxlm.config_lib import PeftConfig
 # Methods realised as weight transforms on targeted kernels, and methods that only select paths.
 DELTA_METHODS = ("lora", "dora", "ia3")
 SELECT_METHODS = ("bitfit",)
-# Methods that change the model's forward pass itself (bottleneck adapters, virtual tokens).
+# Methods that change the model's forward pass itself (bottleneck adapters, virtual tokens): the model
+# grows their parameters (config.model's derived fields) and they train as a path selection.
 MODEL_METHODS = ("adapter", "prefix", "prompt")
+# Method -> the parameter paths it adds (jaxlm.nn.adapters, jaxlm.nn.virtual_tokens).
+MODULE_PATHS: dict[str, str] = {
+    "adapter": r"(^|/)adapter_(attn|mlp)/",
+    "prefix": r"(^|/)attn/prefix/",
+    "prompt": r"^prompt/",
+}
 # IA3 scales the *inputs* of these kernels (the MLP's output projection), the outputs of all others.
 IA3_FEEDFORWARD = r"mlp/wo/"
 # Names of the kernel-matrix leaves a target may select (the RNN cells' recurrent kernels too).
@@ -111,15 +129,31 @@ def _strip_layer(path: str) -> str:
 
 
 def trainable_paths(cfg: PeftConfig, params: Any) -> list[str]:
-    """Base parameter paths that train as they are: ``config.peft.trainable`` and, with BitFit, every bias."""
+    """Base parameter paths that train as they are.
+
+    ``config.peft.trainable``, with BitFit every bias, and the parameters the model grew for
+    adapters, prefixes or prompts (``MODULE_PATHS``).
+    """
     patterns = param_paths.compile_patterns(cfg.trainable)
+    modules = [m for m in cfg.methods if m in MODULE_PATHS]
+    module_patterns = param_paths.compile_patterns(",".join(MODULE_PATHS[m] for m in modules))
     bitfit = "bitfit" in cfg.methods
     out = []
     for path in param_paths.flatten(params):
-        if param_paths.matches(path, patterns) or (bitfit and path.rsplit("/", 1)[-1] == "bias"):
+        if (
+            param_paths.matches(path, patterns)
+            or (bitfit and path.rsplit("/", 1)[-1] == "bias")
+            or (modules and param_paths.matches(path, module_patterns))
+        ):
             out.append(path)
     if bitfit and not any(p.rsplit("/", 1)[-1] == "bias" for p in out):
         raise ConfigError("config.peft.method includes bitfit but the model has no biases (config.model.use_bias?)")
+    for method in modules:
+        if not any(param_paths.matches(p, param_paths.compile_patterns(MODULE_PATHS[method])) for p in out):
+            raise ConfigError(
+                f"config.peft.method includes {method} but the model has no {method} parameters; build the model "
+                "from the config validated with this config.peft (its model fields derive from it)"
+            )
     return out
 
 
@@ -134,19 +168,8 @@ def _nested(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def check_supported(cfg: PeftConfig) -> None:
-    """Refuse methods this build does not implement yet, naming those it does."""
-    missing = [m for m in cfg.methods if m in MODEL_METHODS]
-    if missing:
-        raise ConfigError(
-            f"config.peft.method={cfg.method!r}: {', '.join(missing)} is not implemented yet; "
-            f"use a combination of {', '.join(DELTA_METHODS + SELECT_METHODS)}"
-        )
-
-
 def init(rng: jax.Array, base: Any, cfg: PeftConfig) -> dict[str, Any]:
     """The trainable tree for ``base`` (jittable; the base is only read)."""
-    check_supported(cfg)
     flat = param_paths.flatten(base)
     delta: dict[str, Any] = {}
     methods = cfg.methods

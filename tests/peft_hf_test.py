@@ -1,8 +1,10 @@
-"""Parity with Hugging Face ``peft``: LoRA and IA3 on GPT-2 and BERT give the same logits and trainable counts.
+"""Parity with Hugging Face ``peft``: LoRA, IA3, prompt and prefix tuning give the same logits and trainable counts.
 
 Random tiny models (nothing downloaded) are wrapped with ``peft``; their adapter weights are set
 to random non-zero values, copied into jaxlm's trainable tree (``jaxlm.peft``) by path, and the
-jaxlm model applied to ``peft.effective_params`` must agree with ``peft``'s forward pass.
+jaxlm model applied to ``peft.effective_params`` must agree with ``peft``'s forward pass. Prompt
+tuning (GPT-2, BERT token classification) and prefix tuning (GPT-2) copy ``peft``'s virtual-token
+embedding weights into ``prompt/embedding`` / each layer's ``attn/prefix/{key, value}``.
 """
 
 import dataclasses
@@ -14,6 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 hf_peft = pytest.importorskip("peft")
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 
 from jaxlm import config_lib, models, param_paths, peft  # noqa: E402
@@ -155,3 +158,104 @@ def _nested(flat):
             node = node.setdefault(p, {})
         node[last] = np.asarray(leaf, np.float32)
     return out
+
+
+# ---- Prompt and prefix tuning (virtual tokens): peft's PromptTuning / PrefixTuning, the same weights.
+
+VIRTUAL = 3
+
+
+def _virtual_token_models(family, method):
+    """(peft model, jaxlm model, jaxlm params with the virtual-token weights copied over, validated config)."""
+    from jaxlm.models.heads import HeadConfig
+
+    if family == "gpt2":
+        base_model, head, task_type = _gpt2(), None, "CAUSAL_LM"
+        hf_config = base_model.config.to_dict()
+    else:  # BERT's token classification: peft's TOKEN_CLS prepends the prompt and keeps the classifier trainable
+        torch.manual_seed(0)
+        config = transformers.BertConfig(
+            vocab_size=97, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=64
+        )
+        config.num_labels = 3
+        base_model = transformers.BertForTokenClassification(config).eval()
+        _randomize(base_model)
+        with torch.no_grad():  # logits of order 1 (a 0.02-std classifier would hide differences)
+            base_model.classifier.weight.mul_(50.0)
+        hf_config = {**base_model.config.to_dict(), "architectures": ["BertForTokenClassification"]}
+        head, task_type = HeadConfig("token_classification", 3), "TOKEN_CLS"
+    state = {k: v.detach().numpy().copy() for k, v in base_model.state_dict().items()}
+    fields = hf.model_fields_from_hf(hf_config, state=state)
+    params = hf.params_from_hf(hf_config, state, fields)
+    c = config_lib.base_config()
+    c.peft.method, c.peft.num_virtual_tokens = method, VIRTUAL
+    c.peft.trainable = "head/" if head is not None else ""
+    c.data.seq_len = 16
+    if head is not None:
+        c.data.objective, c.task.num_labels = "token_classification", 3
+    for key, value in fields.items():
+        setattr(c.model, key, value)
+    cfg = config_lib.validate(c)
+    jax_model = models.build(cfg.model, head=head)
+
+    make = hf_peft.PromptTuningConfig if method == "prompt" else hf_peft.PrefixTuningConfig
+    peft_model = hf_peft.get_peft_model(base_model, make(task_type=task_type, num_virtual_tokens=VIRTUAL)).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():  # virtual tokens at the scale of real embeddings, not N(0, 1)
+        weight = peft_model.prompt_encoder["default"].embedding.weight
+        weight.copy_(torch.randn_like(weight) * 0.5)
+    weight = weight.detach().numpy()
+    flat = dict(param_paths.flatten(params))
+    if method == "prompt":
+        flat["prompt/embedding"] = weight  # [P, D]
+    else:  # peft's layout: [P, L * 2 * N * H] = past_key_values of layer l: (key, value) x [N, H]
+        per_layer = weight.reshape(VIRTUAL, LAYERS, 2, fields["num_heads"], -1)
+        for i in range(LAYERS):
+            flat[f"blocks/layer_{i}/attn/prefix/key"] = per_layer[:, i, 0]
+            flat[f"blocks/layer_{i}/attn/prefix/value"] = per_layer[:, i, 1]
+    # Every parameter the jaxlm model has is now the HF one (nothing left at a fresh init).
+    shapes = nn.unbox(jax.eval_shape(lambda: jax_model.init(jax.random.key(0), np.zeros((1, 8), np.int32))["params"]))
+    assert sorted(param_paths.flatten(shapes)) == sorted(flat)
+    return peft_model, jax_model, _nested(flat), cfg
+
+
+@pytest.mark.parametrize(
+    "family, method", [("gpt2", "prompt"), ("bert", "prompt"), ("gpt2", "prefix")], ids=lambda x: str(x)
+)
+def test_virtual_tokens_match_hf_peft(family, method):
+    """jaxlm's prompt / prefix tuning == peft's PromptTuning / PrefixTuning (logits at the real tokens, counts).
+
+    BERT prefix tuning has no peft counterpart here: transformers 5's BERT takes no ``past_key_values``
+    (peft raises "Model does not support past key values").
+    """
+    peft_model, jax_model, params, cfg = _virtual_token_models(family, method)
+    hf_trainable, _ = peft_model.get_nb_trainable_parameters()
+    trainable = peft.init(jax.random.key(0), params, cfg.peft)
+    assert peft.count(trainable) == hf_trainable
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 97, size=(2, 12))
+    mask = np.ones_like(tokens)
+    if family == "bert":
+        mask[1, 8:] = 0  # padding: peft extends the attention mask with ones for the virtual tokens
+        tokens = tokens * mask
+    with torch.no_grad():
+        out = peft_model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask))
+    want = out.logits.numpy()
+    if method == "prompt":
+        want = want[:, VIRTUAL:]  # peft returns the virtual positions too; jaxlm only the real ones
+    effective = peft.effective_params(params, trainable, cfg.peft)
+    if family == "gpt2":
+        got = np.asarray(jax_model.apply({"params": effective}, tokens))
+    else:
+        got = np.asarray(jax_model.apply({"params": effective}, tokens, segment_ids=mask)["logits"])
+    valid = mask.astype(bool)
+    diff = float(np.abs(got[valid] - want[valid]).max())
+    print(f"{family} {method}: max |logit difference| {diff:.2e}, trainable {hf_trainable}")
+    # Other virtual-token values give other logits (10x the tolerance): the comparison sees them.
+    other = param_paths.map_with_path(lambda p, x: x * 0.5 if ("prompt" in p or "prefix" in p) else x, effective)
+    if family == "gpt2":
+        moved = np.asarray(jax_model.apply({"params": other}, tokens))
+    else:
+        moved = np.asarray(jax_model.apply({"params": other}, tokens, segment_ids=mask)["logits"])
+    assert np.abs(moved[valid] - want[valid]).max() > 1e-3
+    assert diff < 1e-4

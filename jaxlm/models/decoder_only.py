@@ -17,6 +17,15 @@ Parameter tree (unrolled; ``scan_layers`` stacks the blocks as ``blocks/layers/b
     final_norm/{scale, bias}                          pre_norm
     lm_head/kernel                   [D, V]           tie_embeddings=False, no task head
     head/...                         a task head (jaxlm.models.heads) instead of the LM head
+    prompt/embedding                 [P, D]           config.peft.method=prompt (jaxlm.nn.virtual_tokens)
+    blocks/layer_i/attn/prefix/{key, value} [P, K, H] config.peft.method=prefix
+    blocks/layer_i/adapter_{attn,mlp}/{down, up}/{kernel, bias}  config.peft.method=adapter
+
+Prompt tuning prepends P learned embeddings at positions 0..P-1 (the real tokens move to
+P..P+T-1, also with given ``positions``), every real token attends them, and the outputs keep
+only the real positions (``[B, T, ...]``, so losses and heads are unchanged); it has no decode
+mode. Prefix tuning shifts the real positions by P as well (the prefix is the first P cache
+slots of a Hugging Face model) and works in decode mode.
 
 The default config is GPT-2's layout (``jaxlm.interop.hf`` maps its weights onto this tree).
 The ``V`` of the vocabulary arrays is ``cfg.padded_vocab_size``; the returned logits cover the
@@ -36,10 +45,11 @@ from jaxlm.config_lib import ModelConfig
 from jaxlm.models import heads, vocab
 from jaxlm.models.heads import HeadConfig
 from jaxlm.models.transformer import ACT, BlockStack, CachePositions, add_positions, dtypes, is_tiled, norm
-from jaxlm.nn import masks
+from jaxlm.nn import masks, virtual_tokens
 from jaxlm.nn.dropout import Dropout
 from jaxlm.nn.embeddings import Embed, positions_like
 from jaxlm.nn.linears import DenseGeneral
+from jaxlm.nn.virtual_tokens import PromptEmbedding
 
 
 class DecoderOnly(nn.Module):
@@ -82,9 +92,22 @@ class DecoderOnly(nn.Module):
         """
         cfg = self.cfg
         dt, pdt = dtypes(cfg)
+        prompt = cfg.prompt_tokens
+        if prompt and decode:  # generation reaches here through the CLI: a one-line error, not a traceback
+            raise ConfigError(
+                "config.peft.method=prompt: a prompt-tuned model has no KV-cache decode mode (its virtual tokens "
+                "would have to lead every cache); use prefix tuning to generate, or jaxlm eval / predict"
+            )
         q_pos, k_pos = CachePositions(name="cache_positions")(tokens, positions, decode=decode)
+        if cfg.prefix_tokens:  # the prefix holds positions 0..P-1, as a past_key_values cache does
+            q_pos, k_pos = q_pos + cfg.prefix_tokens, k_pos + cfg.prefix_tokens
         embed = Embed(cfg.padded_vocab_size, cfg.embed_dim, dtype=dt, param_dtype=pdt, name="token_embed")
-        x = add_positions(cfg, embed(tokens), q_pos)
+        x = embed(tokens)
+        if prompt:  # prompt tuning: virtual tokens lead, at positions 0..P-1
+            virtual = PromptEmbedding(prompt, cfg.embed_dim, dtype=dt, param_dtype=pdt, name="prompt")(x.shape[0])
+            x = jnp.concatenate([virtual, x], axis=1)
+            q_pos = k_pos = virtual_tokens.prompt_positions(q_pos, prompt)
+        x = add_positions(cfg, x, q_pos)
         x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ACT)
 
@@ -95,9 +118,12 @@ class DecoderOnly(nn.Module):
             slots = positions_like(tokens)
             seg_mask = masks.segment_mask(segment_ids, segment_ids) if segment_ids is not None else None
             mask = masks.combine(masks.causal_mask(slots, slots), seg_mask)
+            if prompt:
+                mask = virtual_tokens.prompt_mask(mask, None, prompt, tokens.shape[1], causal=True)
         x = BlockStack(cfg, cfg.num_layers, causal=True, return_weights=return_attention_weights, name="blocks")(
             x, positions=q_pos, key_positions=k_pos, mask=mask, deterministic=deterministic, decode=decode
         )
+        x = x[:, prompt:]  # outputs at the real tokens only: [B, T, ...] as without prompt tuning
         if cfg.pre_norm:
             x = norm(cfg, "final_norm")(x)
         if self.head is not None:

@@ -40,6 +40,13 @@ Parameter tree and the Hugging Face ``BertForPreTraining`` tensor each maps from
 With a task head (:mod:`jaxlm.models.heads`) there is no ``mlm`` or ``nsp``, but ``head/...``
 (and ``pooler`` only for a sequence-level head with ``pooling='auto'``).
 
+Lightweight fine-tuning (``config.peft``) adds ``prompt/embedding [P, D]`` (prompt tuning: P
+learned embeddings of token type 0 before the tokens, at positions 0..P-1, attending and
+attended by every non-padding token; outputs keep only the real positions, so the pooler still
+reads ``[CLS]``, where Hugging Face ``peft`` would pool the first virtual token),
+``blocks/layer_i/attn/prefix/{key, value} [P, K, H]`` (prefix tuning; real positions start at P)
+or ``blocks/layer_i/adapter_{attn,mlp}/...`` (bottleneck adapters).
+
 BERT matches ``position='learned'``, ``pre_norm=False``, ``norm='layernorm'``,
 ``norm_eps=1e-12``, ``activation='gelu_exact'``, ``use_bias=True``, ``tie_embeddings=True``,
 ``type_vocab_size=2`` (see ``configs/bert.py``). With ``scan_layers`` the blocks are stacked as
@@ -60,10 +67,11 @@ from jaxlm.config_lib import ModelConfig
 from jaxlm.models import heads, vocab
 from jaxlm.models.heads import HeadConfig
 from jaxlm.models.transformer import ACT, BlockStack, add_positions, dtypes, is_tiled, norm
-from jaxlm.nn import masks, matmul
+from jaxlm.nn import masks, matmul, virtual_tokens
 from jaxlm.nn.dropout import Dropout
 from jaxlm.nn.embeddings import Embed, positions_like
 from jaxlm.nn.linears import DenseGeneral, activation
+from jaxlm.nn.virtual_tokens import PromptEmbedding
 
 PAD_ID = 0  # the padding id of every jaxlm tokenizer
 
@@ -176,28 +184,38 @@ class EncoderOnly(nn.Module):
         """
         cfg = self.cfg
         dt, pdt = dtypes(cfg)
+        prompt = cfg.prompt_tokens
         if positions is None:
             positions = positions_like(tokens)
+        positions = positions + cfg.prefix_tokens  # a prefix holds positions 0..P-1 (as past_key_values do)
         embed = Embed(cfg.padded_vocab_size, cfg.embed_dim, dtype=dt, param_dtype=pdt, name="token_embed")
-        x = add_positions(cfg, embed(tokens), positions)
+        x = embed(tokens)
+        types = jnp.zeros_like(tokens) if token_types is None else token_types
+        if prompt:  # prompt tuning: virtual tokens of type 0 lead, at positions 0..P-1
+            virtual = PromptEmbedding(prompt, cfg.embed_dim, dtype=dt, param_dtype=pdt, name="prompt")(x.shape[0])
+            x = jnp.concatenate([virtual, x], axis=1)
+            positions = virtual_tokens.prompt_positions(positions, prompt)
+            types = jnp.pad(types, ((0, 0), (prompt, 0)))
+        x = add_positions(cfg, x, positions)
         if cfg.type_vocab_size:
             table = TypeEmbed(cfg.type_vocab_size, cfg.embed_dim, param_dtype=pdt, name="type_embed")()
-            types = jnp.zeros_like(tokens) if token_types is None else token_types
             x = x + jnp.take(table, types, axis=0).astype(dt)
         if not cfg.pre_norm:
             x = norm(cfg, "embed_norm")(x)
         x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ACT)
 
+        mask = attention_mask(tokens, segment_ids, vector=is_tiled(cfg))
+        if prompt:
+            real = heads.padding_mask(tokens, segment_ids)
+            mask = virtual_tokens.prompt_mask(mask, real, prompt, tokens.shape[1], causal=False)
         x = BlockStack(cfg, cfg.num_layers, causal=False, return_weights=return_attention_weights, name="blocks")(
-            x,
-            positions=positions,
-            mask=attention_mask(tokens, segment_ids, vector=is_tiled(cfg)),
-            deterministic=deterministic,
+            x, positions=positions, mask=mask, deterministic=deterministic
         )
         if cfg.pre_norm:
             x = norm(cfg, "final_norm")(x)
-        hidden = nn.with_logical_constraint(x, ACT)
+        # Outputs at the real tokens only (prompt tuning): the heads and BERT's pooler see [CLS] at 0.
+        hidden = nn.with_logical_constraint(x[:, prompt:], ACT)
         if self.head is not None:
             return self._task_head(hidden, tokens, segment_ids, deterministic=deterministic)
 

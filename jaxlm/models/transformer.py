@@ -43,6 +43,7 @@ from jaxlm import hardware
 from jaxlm import logical_axes as ax
 from jaxlm.config_lib import ModelConfig
 from jaxlm.models import config as model_config
+from jaxlm.nn.adapters import ADAPTER_SUBLAYERS, BottleneckAdapter
 from jaxlm.nn.attention import TILED, MultiHeadAttention
 from jaxlm.nn.barrier import materialize_grad
 from jaxlm.nn.dropout import Dropout
@@ -163,6 +164,12 @@ class TransformerBlock(nn.Module):
     ``cross_attn/...``), ``mlp_norm``, ``mlp/{wi | wi_0, wi_1, wo}``. In a post-norm block
     ``attn_norm`` is the norm after the attention residual (BERT's ``attention.output.LayerNorm``).
 
+    Lightweight fine-tuning modules (``config.peft``, through ``cfg``'s derived fields): bottleneck
+    adapters ``adapter_attn/{down,up}`` and ``adapter_mlp/{down,up}`` (``adapter_dim`` > 0; Houlsby:
+    after self-attention and the MLP, Pfeiffer: after the MLP only) act on a sublayer's output
+    after its dropout, before the residual (and, post-norm, before the norm), as the ``adapters``
+    library places them; ``prefix_tokens`` > 0 gives self-attention learned ``attn/prefix/{key, value}``.
+
     Attributes:
       cfg: the model config.
       num_layers: depth of the stack, for GPT-2's scaled init of the residual projections.
@@ -225,20 +232,30 @@ class TransformerBlock(nn.Module):
             fuse_projections=hardware.cpu_auto(cfg.fuse_qkv, "fuse_qkv"),
         )
 
+        adapted = ADAPTER_SUBLAYERS[cfg.adapter_kind] if cfg.adapter_dim else ()
+
         def sublayer(x: jnp.ndarray, name: str, fn: Any) -> jnp.ndarray:
             if barrier:
                 x = materialize_grad(x)
             if cfg.pre_norm:
                 h = fn(norm(cfg, f"{name}_norm")(x))
-                return x + Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+                return x + adapter(name, Dropout(cfg.dropout_rate)(h, deterministic=deterministic))
             h = Dropout(cfg.dropout_rate)(fn(x), deterministic=deterministic)
-            return norm(cfg, f"{name}_norm")(x + h)
+            return norm(cfg, f"{name}_norm")(x + adapter(name, h))
+
+        def adapter(name: str, h: jnp.ndarray) -> jnp.ndarray:
+            # Bottleneck adapters (config.peft.method=adapter) on the sublayer's output, before the residual.
+            if name not in adapted:
+                return h
+            module = BottleneckAdapter(cfg.adapter_dim, cfg.adapter_kind, dt, pdt, name=f"adapter_{name}")
+            return module(h)
 
         x = nn.with_logical_constraint(x, ACT)
         self_attn = MultiHeadAttention(
             rope_max_wavelength=cfg.rope_max_wavelength if rope else None,
             rope_scale=cfg.rope_scale,
             rope_scaling=rope_scaling(cfg) if rope else None,
+            prefix_tokens=cfg.prefix_tokens,
             name="attn",
             **attention,
         )

@@ -46,6 +46,7 @@ from jaxlm.nn.masks import TokenMask
 from jaxlm.nn.positions import PositionBias, RopeScaling, apply_rope
 from jaxlm.nn.ring import ring_attention
 from jaxlm.nn.softmax import masked_softmax
+from jaxlm.nn.virtual_tokens import PrefixKV, prepend_keys, prepend_zero_bias
 
 AttentionOutput = jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]
 Mask = jnp.ndarray | TokenMask | None
@@ -314,6 +315,10 @@ class MultiHeadAttention(nn.Module):
     ``fuse_projections`` computes the query, key and value projections (key and value for
     cross-attention) as one matmul over their concatenated kernels (:func:`fused_dense`); the
     parameters are the same either way.
+
+    ``prefix_tokens`` > 0 (prefix tuning, self-attention only) adds learned ``prefix/{key, value}``
+    ``[P, K, H]`` that every query attends before the other keys (``jaxlm.nn.virtual_tokens``);
+    masks, biases, the causal flag and the KV cache keep acting on the other keys.
     """
 
     num_heads: int
@@ -329,6 +334,7 @@ class MultiHeadAttention(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     fuse_projections: bool = False
+    prefix_tokens: int = 0
 
     @nn.compact
     def __call__(
@@ -407,6 +413,9 @@ class MultiHeadAttention(nn.Module):
         if decode and implementation == "ring":
             # A few new tokens per step are not split over devices (cross-attention keeps no cache).
             implementation = "blockwise"
+        if self.prefix_tokens and not cross:
+            k, v, mask, bias = self._prepend_prefix(q.shape[1], k, v, mask, bias, causal, window)
+            causal, window = False, 0
 
         dropout_rng = None
         if not deterministic and self.dropout_rate > 0.0:
@@ -437,6 +446,24 @@ class MultiHeadAttention(nn.Module):
         if return_weights:
             self.sow("intermediates", "attention_weights", weights)
         return y
+
+    def _prepend_prefix(
+        self, t: int, k: jnp.ndarray, v: jnp.ndarray, mask: Mask, bias: Bias, causal: bool, window: int | jax.Array
+    ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray | None, jnp.ndarray | None]:
+        """Prefix tuning: put the learned ``prefix/{key, value}`` before the keys (see ``jaxlm.nn.virtual_tokens``).
+
+        ``t`` is the query length. The causal and window restrictions (by index) become part of
+        the dense mask first, so that they keep applying to the real keys; every query may attend
+        every prefix key, whose logits bias is 0.
+        """
+        p, b, s = self.prefix_tokens, k.shape[0], k.shape[1]
+        mask, bias = dense_inputs(mask, bias, t, s, window, causal)
+        if causal:
+            mask = masks.combine(mask, _causal(t, s))
+        prefix_k, prefix_v = PrefixKV(p, self.num_kv_heads, self.head_dim, self.param_dtype, name="prefix")()
+        k = jnp.concatenate([jnp.broadcast_to(prefix_k.astype(k.dtype)[None], (b,) + prefix_k.shape), k], axis=1)
+        v = jnp.concatenate([jnp.broadcast_to(prefix_v.astype(v.dtype)[None], (b,) + prefix_v.shape), v], axis=1)
+        return k, v, prepend_keys(mask, p), prepend_zero_bias(bias, p)
 
     def _update_cache(
         self, k: jnp.ndarray, v: jnp.ndarray, mask: Mask, index: Any, window: int | jax.Array = 0
