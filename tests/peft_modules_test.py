@@ -355,13 +355,16 @@ def test_jaxlm_train_from_a_pretrained_workdir(tiny_config, text_corpus, tmp_pat
     out = io.StringIO()
     train.run(cfg, run_dir, stream=out)
     log = out.getvalue()
-    # 2 layers x (prefix key + value) + 2 layers x 2 adapters x 4 tensors, none of them in the base.
-    assert "initialized 20 tensors" in log and "attn/prefix/key" in log, log
+    # 2 layers x (prefix key + value) [4, 4, 16] + 2 layers x 2 adapters x (down, up) x (kernel, bias):
+    # none of them in the base; 1,024 + 4 x (64 x 8 + 8 + 8 x 64 + 64) parameters.
+    assert "initialized 20 tensors (5,408 params)" in log and "5,408 trainable" in log, log
     _, base, state, _, step = merge.open_peft(cfg, run_dir)
     trained = param_paths.flatten(jax.tree.map(np.asarray, state.params))
     assert step == 2 and trained and all(_is_new(p) for p in trained)
     fresh = param_paths.flatten(jax.tree.map(np.asarray, base))
     moved = [p for p in trained if not np.array_equal(trained[p], fresh[p.removeprefix("params/")])]
     assert any("adapter_mlp/up" in p for p in moved) and any("prefix" in p for p in moved), moved
-    # A PEFT workdir is generated from after jaxlm merge (prefix / adapters are not weights of the base).
+    # jaxlm merge cannot fold prefixes or adapters (one line, exit 2); generate reads the PEFT workdir itself.
     assert cli.execute(["merge", "--workdir", run_dir, "--out", str(tmp_path / "merged")]) == 2
+    args = ["generate", "--workdir", run_dir, "--prompt", "the quick", "--max_new_tokens", "4"]
+    assert cli.execute(args) == 0
