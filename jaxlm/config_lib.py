@@ -1123,7 +1123,8 @@ def _validate_peft_modules(cfg: Config, names: list[str]) -> None:
                 cfg.data.seq_len + p.num_virtual_tokens <= m.max_len,
                 f"config.peft.num_virtual_tokens={p.num_virtual_tokens}: the virtual tokens take positions "
                 f"0..{p.num_virtual_tokens - 1}, so config.data.seq_len={cfg.data.seq_len} plus them exceeds "
-                f"config.model.max_len={m.max_len}; lower one of them",
+                f"config.model.max_len={m.max_len}; set config.data.seq_len={m.max_len - p.num_virtual_tokens} "
+                "or fewer virtual tokens",
             )
 
 

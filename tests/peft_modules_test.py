@@ -215,7 +215,11 @@ def test_prefix_attention_matches_a_numpy_reference(causal_flag):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("fields", [{"prompt_tokens": 3}, {"prefix_tokens": 3}], ids=["prompt", "prefix"])
+@pytest.mark.parametrize(
+    "fields",
+    [{"prompt_tokens": 3}, pytest.param({"prefix_tokens": 3}, marks=pytest.mark.slow)],
+    ids=["prompt", "prefix"],
+)
 def test_packed_document_equals_it_alone_and_causality_holds(fields):
     """GPT: a packed second document (segments, positions restarting) == the document alone; the future is unseen."""
     model = models.build(_small(**fields))
@@ -237,7 +241,11 @@ def test_packed_document_equals_it_alone_and_causality_holds(fields):
     assert np.abs(other - alone).min(axis=-1).max() > 1e-4  # every real position sees the virtual tokens
 
 
-@pytest.mark.parametrize("fields", [{"prompt_tokens": 3}, {"prefix_tokens": 3}], ids=["prompt", "prefix"])
+@pytest.mark.parametrize(
+    "fields",
+    [{"prompt_tokens": 3}, pytest.param({"prefix_tokens": 3}, marks=pytest.mark.slow)],
+    ids=["prompt", "prefix"],
+)
 def test_bert_padding_is_ignored_and_the_pooler_reads_cls(fields):
     m = _small("encoder_only", type_vocab_size=2, pre_norm=False, max_len=40, **fields)
     model = models.build(m)
@@ -253,7 +261,7 @@ def test_bert_padding_is_ignored_and_the_pooler_reads_cls(fields):
     np.testing.assert_allclose(out["pooled"], cls, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["decoder_only", "encoder_only"])
+@pytest.mark.parametrize("kind", ["decoder_only", pytest.param("encoder_only", marks=pytest.mark.slow)])
 def test_task_heads_skip_the_virtual_positions(kind):
     m = _small(kind, prompt_tokens=4)
     tokens = jnp.asarray([[3, 4, 5, 6, 0, 0], [3, 4, 5, 6, 7, 8]])
@@ -269,7 +277,7 @@ def test_task_heads_skip_the_virtual_positions(kind):
     assert out["logits"].shape == (2, 6, 5)
 
 
-@pytest.mark.parametrize("position", ["learned", "alibi", pytest.param("rope", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("position", ["learned", *(pytest.param(p, marks=pytest.mark.slow) for p in ("alibi", "rope"))])
 def test_prefix_cached_decoding_equals_the_full_forward(position):
     m = _small(prefix_tokens=3, position=position, max_len=48)
     model = models.build(m)
