@@ -36,7 +36,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from jaxlm import config_lib  # noqa: E402
+from jaxlm import checkpoint, config_lib  # noqa: E402
 from jaxlm.common_types import UserError  # noqa: E402
 from jaxlm.metric_writer import read_metrics  # noqa: E402
 
@@ -130,7 +130,7 @@ def main() -> None:
     out = args.out or os.path.join(ROOT, "bench", "results", f"peft_{args.size}.json")
     for model in args.models.split(","):
         base = os.path.join(bases, f"{model}-pretrain")
-        if not os.path.isdir(os.path.join(base, "checkpoints")):
+        if checkpoint.latest_step(base) is None:
             if not args.pretrain_steps:
                 sys.exit(f"no pretrained {model} at {base}; run bench/finetune.py --size {args.size} or pass --base")
             over = quiet | {"train.num_steps": str(args.pretrain_steps)}
@@ -138,6 +138,8 @@ def main() -> None:
             if status:
                 sys.exit(f"pretraining {model} failed (exit {status}); see {base}.log")
             print(f"pretrained {model} into {base} ({args.pretrain_steps} steps, {seconds:.0f}s)", flush=True)
+        base_step = checkpoint.latest_step(base)
+        print(f"base {model}: {base} at step {base_step}", flush=True)
         for task in [t for t in MODELS[model] if t in args.tasks.split(",")]:
             metric = TASKS[task]
             spec = f"configs/finetune.py:task={task},model={model},size={args.size}"
@@ -173,6 +175,7 @@ def main() -> None:
                     "model": model,
                     "task": task,
                     "method": name,
+                    "base_step": base_step,
                     "overrides": over,
                     "trainable": described["trainable"],
                     "total": described["total"],
