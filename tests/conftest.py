@@ -1,13 +1,45 @@
-"""Test setup: 8 simulated CPU devices so every sharding path runs on CPU."""
+"""Test setup: 8 simulated CPU devices so every sharding path runs on CPU; one compilation cache per session."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# JAX's persistent compilation cache in a directory made for this test session, empty at its
+# start and deleted at its end, so nothing carries over between runs (a run costs what it costs on
+# a fresh machine). Many tests build the same small programs (the tiny configs' train and eval
+# steps, eager ops); with the cache each is compiled once per session instead of once per test.
+# xdist workers and the `jaxlm` subprocesses tests start inherit the variables and share the
+# directory; the process that made it (the first to import this file) deletes it. JAX opens its
+# cache at a process's first compilation, in the directory configured then, so a later
+# `jax_compilation_cache_dir` update (train.run's config.train.compile_cache_dir) changes nothing.
+if "JAXLM_TEST_COMPILE_CACHE" not in os.environ:
+    os.environ["JAXLM_TEST_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="jaxlm-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAXLM_TEST_COMPILE_CACHE"], ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["JAXLM_TEST_COMPILE_CACHE"]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
 import pytest  # noqa: E402
 
 from jaxlm import config_lib  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_compile_cache():
+    """Open the session's compilation cache before any test runs.
+
+    JAX opens its cache at the first compilation, in the directory configured then; an in-process
+    ``train.run`` points ``jax_compilation_cache_dir`` at its own default first thing, so without
+    this a process whose first test trains would cache there instead.
+    """
+    import jax
+
+    jax.jit(lambda x: x + 1)(0).block_until_ready()
+    assert jax.config.jax_compilation_cache_dir == os.environ["JAXLM_TEST_COMPILE_CACHE"]
 
 
 @pytest.fixture
