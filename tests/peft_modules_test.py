@@ -376,3 +376,39 @@ def test_jaxlm_train_from_a_pretrained_workdir(tiny_config, text_corpus, tmp_pat
     assert cli.execute(["merge", "--workdir", run_dir, "--out", str(tmp_path / "merged")]) == 2
     args = ["generate", "--workdir", run_dir, "--prompt", "the quick", "--max_new_tokens", "4"]
     assert cli.execute(args) == 0
+
+
+def _module_steps(cfg, steps=2):
+    exp = experiment.build(cfg, 263)
+    base = experiment.init_params(exp, 0)
+    state = experiment.init_peft_state(exp, base, 0)
+    tokens = jax.random.randint(jax.random.key(5), (8, 25), 0, 263)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": jnp.ones((8, 24), jnp.float32)}
+    with jax.set_mesh(exp.mesh):
+        step = jax.jit(
+            experiment.train_step_fn(exp),
+            in_shardings=(exp.state_shardings, None, None, exp.base_shardings),
+            out_shardings=(exp.state_shardings, None),
+        )
+        for _ in range(steps):
+            state, _ = step(state, batch, jax.random.key(0), base)
+    return base, param_paths.flatten(jax.tree.map(np.asarray, state.params))
+
+
+@pytest.mark.slow
+def test_prompt_and_adapters_over_eight_fsdp_devices_equal_one_device(tiny_config):
+    tiny_config.optim.lr, tiny_config.data.seq_len = 1e-2, 24
+    tiny_config.peft.method, tiny_config.peft.num_virtual_tokens, tiny_config.peft.adapter_dim = "prompt,adapter", 4, 8
+    tiny_config.mesh.shape.data, tiny_config.mesh.shape.fsdp = 1, 8
+    base8, got = _module_steps(config_lib.validate(tiny_config))
+    assert len(base8["prompt"]["embedding"].sharding.device_set) == 8
+    tiny_config.mesh.shape.fsdp = 1
+    original = experiment.sharding.make_mesh
+    experiment.sharding.make_mesh = lambda cfg, devs=None: original(cfg, jax.devices()[:1])
+    try:
+        _, want = _module_steps(config_lib.validate(tiny_config))
+    finally:
+        experiment.sharding.make_mesh = original
+    assert got.keys() == want.keys() and any("prompt" in p for p in got)
+    for path in want:
+        np.testing.assert_allclose(got[path], want[path], rtol=1e-4, atol=1e-5, err_msg=path)
