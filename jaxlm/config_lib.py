@@ -1269,8 +1269,8 @@ def _config_keys(obj: Any) -> Any:
 def from_json(text: str) -> ml_collections.ConfigDict:
     """Rebuild a locked ConfigDict from :func:`to_json` output, on top of base_config().
 
-    Keys missing from an older file keep their defaults; keys the current version does not
-    know are rejected.
+    Keys missing from an older file keep their defaults, except ``model.vocab_multiple``: 1
+    (unpadded, as such files' checkpoints are); keys the current version does not know are rejected.
     """
     try:
         raw = json.loads(text)

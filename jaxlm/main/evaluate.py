@@ -51,6 +51,7 @@ def run_lengths(
     """
     stream = stream or sys.stdout
     exp, params, tokenizer, step = restore.open_trained(config, workdir)
+    config = exp.config  # with the saved run's vocabulary padding (model.vocab_multiple)
     m = config.model
     for length in lengths:
         if length < 2:
