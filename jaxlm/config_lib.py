@@ -1086,7 +1086,7 @@ def _validate_peft(cfg: Config) -> None:
 PEFT_MODULE_KINDS: dict[str, tuple[str, ...]] = {
     "adapter": ("decoder_only", "encoder_only", "encoder_decoder"),
     "prefix": ("decoder_only", "encoder_only"),
-    "prompt": ("decoder_only", "encoder_only"),
+    "prompt": ("decoder_only", "encoder_only", "encoder_decoder"),
 }
 
 

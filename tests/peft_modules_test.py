@@ -296,6 +296,34 @@ def test_prefix_cached_decoding_equals_the_full_forward(position):
     np.testing.assert_array_equal(np.asarray(cached), np.asarray(uncached))
 
 
+def test_t5_prompt_tuning_pads_decodes_from_the_cache_and_counts():
+    """Encoder prompt (Lester et al.): padded inputs == unpadded, cached greedy == uncached, P x D trainable."""
+    from jaxlm.main import generate
+
+    m = _small("encoder_decoder", prompt_tokens=3, position="relative", norm="rmsnorm", use_bias=False, max_len=48)
+    model = models.build(m)
+    inputs = jnp.asarray([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]])
+    targets = jnp.asarray([[0, 3, 4, 5], [0, 6, 7, 8]])
+    params = jax.tree.map(lambda x: x * 3.0, _init(model, inputs, targets))
+    cfg = dataclasses.replace(config_lib.validate(config_lib.base_config()).peft, method="prompt", trainable="")
+    trainable = peft.init(jax.random.key(0), params, cfg)
+    assert peft.count(trainable) == 3 * 32 and list(param_paths.flatten(trainable)) == ["params/prompt/embedding"]
+    full = np.asarray(_apply(model, params, inputs, targets))
+    short = np.asarray(_apply(model, params, inputs[:1, :4], targets[:1]))
+    np.testing.assert_allclose(full[0], short[0], rtol=1e-5, atol=1e-5)
+    zeroed = param_paths.map_with_path(lambda p, x: x * 0 if _is_new(p) else x, params)
+    assert np.abs(np.asarray(_apply(model, zeroed, inputs, targets)) - full).max() > 1e-3
+    encoded = jax.jit(lambda p, i: model.apply({"params": p}, i, method=model.encode))(params, inputs)
+    assert encoded.shape == (2, 3 + 6, 32)
+    step = generate.make_seq2seq_step_fn(model, params, encoded, inputs)
+    cache = generate.init_cache(model, 2, 16, inputs)
+    start = jnp.zeros((2, 1), jnp.int32)
+    cached = decoding.generate(step, cache, start, jax.random.key(0), max_new_tokens=6, temperature=0.0)
+    forward = jax.jit(lambda t: model.apply({"params": params}, inputs, t))
+    uncached = decoding.generate_uncached(forward, start, max_new_tokens=6)
+    np.testing.assert_array_equal(np.asarray(cached), np.asarray(uncached))
+
+
 def test_prompt_tuned_decoder_refuses_decode_mode_in_one_line():
     model = models.build(_small(prompt_tokens=2))
     with pytest.raises(ConfigError, match="no KV-cache decode mode") as e:
@@ -308,7 +336,7 @@ def test_prompt_tuned_decoder_refuses_decode_mode_in_one_line():
     [
         ("rnn.py", "prefix", {}, "prefix needs config.model.kind in decoder_only, encoder_only"),
         ("rnn.py", "adapter", {}, "adapter needs config.model.kind in"),
-        ("t5.py:size=tiny", "prompt", {}, "prompt needs config.model.kind in"),
+        ("t5.py:size=tiny", "prefix", {}, "prefix needs config.model.kind in"),
         ("gpt.py:size=tiny", "prompt", {"model.attention": "blockwise"}, "needs config.model.attention=xla"),
         ("gpt.py:size=tiny", "prefix", {"model.attention_window": (0, 8)}, "attention_window=0"),
         ("gpt.py:size=tiny", "prompt", {"data.seq_len": 64}, "exceeds config.model.max_len=64"),

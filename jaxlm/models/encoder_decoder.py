@@ -40,6 +40,10 @@ T5 has no biases (``use_bias=False``), and since T5 does not scale attention log
     decoder/final_norm/scale                              decoder.final_layer_norm.weight
     lm_head/kernel [D, V]                                 lm_head.weight.T  (T5 v1.1, untied)
 
+Lightweight fine-tuning (``config.peft``): bottleneck adapters in both stacks' blocks
+(``.../adapter_{attn,mlp}/...``, see ``jaxlm.models.transformer``) and prompt tuning
+(``prompt/embedding [P, D]``: virtual tokens before the encoder input, see :meth:`EncoderDecoder.encode`).
+
 T5 v1.0 matches ``position='relative'``, ``norm='rmsnorm'``, ``norm_eps=1e-6``, ``use_bias=False``,
 ``activation='relu'``, ``tie_embeddings=True``, ``pre_norm=True``; v1.1 uses
 ``activation='geglu'`` and ``tie_embeddings=False`` (see ``configs/t5.py``). With ``scan_layers``
@@ -57,10 +61,11 @@ from jaxlm import logical_axes as ax
 from jaxlm.config_lib import ModelConfig
 from jaxlm.models import vocab
 from jaxlm.models.transformer import ACT, BlockStack, CachePositions, add_positions, dtypes, is_tiled, norm
-from jaxlm.nn import masks
+from jaxlm.nn import masks, virtual_tokens
 from jaxlm.nn.dropout import Dropout
 from jaxlm.nn.embeddings import Embed, positions_like
 from jaxlm.nn.linears import DenseGeneral
+from jaxlm.nn.virtual_tokens import PromptEmbedding
 
 PAD_ID = 0  # padding id of every jaxlm tokenizer; also T5's decoder start id
 
@@ -180,6 +185,8 @@ class EncoderDecoder(nn.Module):
             self.lm_head = DenseGeneral(
                 (cfg.padded_vocab_size,), (ax.EMBED, ax.VOCAB), use_bias=False, dtype=dt, param_dtype=pdt
             )
+        if cfg.prompt_tokens:  # prompt tuning (config.peft.method=prompt): prompt/embedding [P, D]
+            self.prompt = PromptEmbedding(cfg.prompt_tokens, cfg.embed_dim, dtype=dt, param_dtype=pdt)
 
     def encode(
         self,
@@ -193,6 +200,9 @@ class EncoderDecoder(nn.Module):
         """``inputs [B, S] int -> encoded [B, S, D]``; id 0 (or segment 0) is padding.
 
         ``return_attention_weights`` sows every layer's weights into ``intermediates`` (see ``DecoderOnly``).
+        With prompt tuning the P virtual tokens lead the encoder input (positions 0..P-1, the
+        inputs after them) and stay in its output, ``[B, P + S, D]``, for the decoder to attend
+        (Lester et al. 2021); :meth:`decode` extends the cross-attention mask by them.
         """
         if inputs_positions is None:
             inputs_positions = positions_like(inputs)
@@ -203,8 +213,14 @@ class EncoderDecoder(nn.Module):
             mask = masks.segment_mask(inputs_segment_ids, inputs_segment_ids)
         else:  # mask padding keys only, as T5 does
             mask = _valid(inputs, None)[:, None, None, :]
+        x, p = self.token_embed(inputs), self.cfg.prompt_tokens
+        if p:
+            x = jnp.concatenate([self.prompt(x.shape[0]), x], axis=1)
+            inputs_positions = virtual_tokens.prompt_positions(inputs_positions, p)
+            real = _valid(inputs, inputs_segment_ids)
+            mask = virtual_tokens.prompt_mask(mask, real, p, inputs.shape[1], causal=False)
         return self.encoder(
-            self.token_embed(inputs),
+            x,
             inputs_positions,
             mask,
             deterministic=deterministic,
@@ -241,7 +257,10 @@ class EncoderDecoder(nn.Module):
             ``intermediates`` (apply with ``mutable=['intermediates']``); off, nothing changes.
         """
         cfg = self.cfg
+        p = cfg.prompt_tokens
         k_valid = _valid(inputs, inputs_segment_ids)
+        if p:  # the encoder output starts with the prompt's virtual tokens: every target attends them
+            k_valid = jnp.pad(k_valid, ((0, 0), (p, 0)), constant_values=True)
         if decode:
             mask = None  # the attention cache supplies the causal mask
             cross_mask = k_valid[:, None, None, :]
@@ -260,6 +279,8 @@ class EncoderDecoder(nn.Module):
             )
             if seg is not None and inputs_segment_ids is not None:
                 cross_mask = masks.segment_mask(seg, inputs_segment_ids)
+                if p:
+                    cross_mask = virtual_tokens.prepend_keys(cross_mask, p)
             else:
                 cross_mask = k_valid[:, None, None, :]
         x = self.decoder(
