@@ -212,6 +212,7 @@ def main() -> None:
     p.add_argument("--eval_tokens", type=int, default=65536)
     p.add_argument("--bias", action="store_true", help="biases in Linear/LayerNorm on both sides (nanoGPT: off)")
     p.add_argument("--sides", default="torch,jaxlm")
+    p.add_argument("--torch_threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--set", action="append", default=[], help="extra jaxlm config override KEY=VALUE")
     p.add_argument("--root", default="", help="workdirs and text files (default: a temp dir)")
     args = p.parse_args()
@@ -239,6 +240,10 @@ def main() -> None:
         row: dict = {"seed": seed}
         for side in args.sides.split(","):
             if side == "torch":
+                if args.torch_threads:
+                    import torch
+
+                    torch.set_num_threads(args.torch_threads)
                 row["torch"] = run_torch(train_ids, rows, args.steps, seed, args.bias)
             elif side == "jaxlm":
                 cfg = jaxlm_config(train_file, eval_file, args.steps, seed, args.bias, extra)
