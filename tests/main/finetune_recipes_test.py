@@ -172,18 +172,13 @@ TINY_MODEL = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """One persistent compilation cache for the module: recipes of the same shapes compile once."""
-    return str(tmp_path_factory.mktemp("compile_cache"))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("task", RECIPES)
-def test_every_recipe_trains_a_few_steps_and_reports_its_metrics(task, tmp_path, few_stdlib_files, compile_cache):
+def test_every_recipe_trains_a_few_steps_and_reports_its_metrics(task, tmp_path, few_stdlib_files):
     from jaxlm.main import train
 
-    overrides = dict(TINY_MODEL, train__compile_cache_dir=compile_cache)
+    # Recipes of the same shapes compile once through the session's compilation cache (conftest.py).
+    overrides = dict(TINY_MODEL)
     if config_lib.load_config_file(f"{CONFIG}:task={task},size=tiny").model.kind == "encoder_decoder":
         overrides |= dict(model__num_decoder_layers=1, task__targets_len=16, decode__max_new_tokens=16)
     cfg = recipe(task, tmp_path, **overrides)
