@@ -202,11 +202,7 @@ def run_to_hf(workdir: str, hf_dir: str, *, stream: TextIO | None = None) -> str
     stream = stream or sys.stdout
 
     # ---- Input and output checks, before the checkpoint is read.
-    workdir = workdir_lib.check_path(workdir, must_exist=True)
-    saved = workdir_lib.saved_config(workdir)
-    if saved is None:
-        raise CheckpointError(f"--workdir {workdir} has no config.json; train or convert there first")
-    config = config_lib.validate(saved)
+    workdir, config = workdir_lib.existing_run_config(workdir, "train or convert there first")
     if not hf_dir:
         raise DataError("--to hf needs an output directory; e.g. jaxlm convert --to hf --workdir OUT DIR")
     out = os.path.abspath(os.path.expanduser(hf_dir))

@@ -189,11 +189,7 @@ def run_to_hf_peft(workdir: str, out_dir: str, *, stream: TextIO | None = None) 
     stream = stream or sys.stdout
 
     # ---- Input and output checks, before the checkpoint is read.
-    workdir = workdir_lib.check_path(workdir, must_exist=True)
-    saved = workdir_lib.saved_config(workdir)
-    if saved is None:
-        raise CheckpointError(f"--workdir {workdir} has no config.json; train or convert there first")
-    config = config_lib.validate(saved)
+    workdir, config = workdir_lib.existing_run_config(workdir, "train or convert there first")
     if not peft.enabled(config.peft):
         raise ConfigError(
             f"--workdir {workdir} is not a PEFT run (config.peft.method=none); export it with convert --to hf"

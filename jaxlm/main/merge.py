@@ -69,11 +69,7 @@ def plain_config(workdir: str) -> Config:
 def run(workdir: str, out: str, *, stream: TextIO | None = None) -> dict[str, Any]:
     """Merge the PEFT run in ``workdir`` into the new workdir ``out``; returns a summary."""
     stream = stream or sys.stdout
-    workdir = workdir_lib.check_path(workdir, must_exist=True)
-    raw = workdir_lib.saved_config(workdir)
-    if raw is None:
-        raise CheckpointError(f"--workdir {workdir} has no config.json; it is not a jaxlm run")
-    config = config_lib.validate(raw)
+    workdir, config = workdir_lib.existing_run_config(workdir, "it is not a jaxlm run")
     if not peft.enabled(config.peft):
         raise ConfigError(f"--workdir {workdir} is not a PEFT run (config.peft.method=none); there is nothing to merge")
     kinds = set(config.peft.methods) - set(peft.DELTA_METHODS) - set(peft.SELECT_METHODS)

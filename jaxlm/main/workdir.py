@@ -59,6 +59,18 @@ def _read_only(path: str) -> bool:
         return False
 
 
+def existing_run_config(workdir: str, missing: str) -> tuple[str, Config]:
+    """``(checked workdir, its validated saved config)`` for programs that read a finished run.
+
+    ``missing`` ends the one-line error when the workdir has no ``config.json``.
+    """
+    workdir = check_path(workdir, must_exist=True)
+    saved = saved_config(workdir)
+    if saved is None:
+        raise CheckpointError(f"--workdir {workdir} has no config.json; {missing}")
+    return workdir, config_lib.validate(saved)
+
+
 def saved_config(workdir: str) -> ml_collections.ConfigDict | None:
     """The ConfigDict saved by the run that owns ``workdir``, or None."""
     path = os.path.join(workdir, CONFIG_FILE)
