@@ -9,8 +9,9 @@ token embedding, GPT-2 initialization.
 * PyTorch: bench/torch_baseline.py's nanoGPT model, trained on batches drawn as nanoGPT's
   ``get_batch`` draws them: ``batch`` windows at uniformly random offsets of the token stream.
 * jaxlm: ``jaxlm train`` (``jaxlm.main.train.run``) with the same settings on the same text
-  (``data.source=files``), reading it as its pipeline does: fixed ``block + 1`` token chunks in
-  shuffled order.
+  (``data.source=files``), reading it as its pipeline does by default for local text
+  (``data.packing=auto`` = ``windows``: ``block + 1`` token windows at random offsets, as
+  nanoGPT); ``--set data.packing=concat`` reads fixed chunks in order instead.
 
 Both tokenize with jaxlm's byte tokenizer (263 ids; the same ids on both sides) and are
 evaluated on the same held-out rows: the first ``--eval_tokens`` tokens of the held-out text

@@ -6,7 +6,11 @@ Causal-LM rows of ``seq_len`` tokens are filled in one of three ways (:data:`PAC
     Documents (each ended by ``eos``) are concatenated and cut every ``seq_len + 1`` tokens
     (grain's ``ConcatThenSplitIterDataset``); ``inputs = row[:-1]``, ``targets = row[1:]``.
     Rows cross document boundaries and attention sees the previous document: no padding,
-    no segment ids. This is the GPT-2 recipe and the default.
+    no segment ids. This is the GPT-2 recipe.
+``windows``
+    Training rows of ``seq_len + 1`` tokens at uniformly random offsets of the tokenized,
+    concatenated text (nanoGPT's ``get_batch``; :mod:`jaxlm.data.windows`); a finite pass
+    (evaluation) reads ``concat`` chunks.
 ``first_fit`` / ``best_fit``
     Each document is first shifted on its own (``inputs = doc[:-1]``, ``targets = doc[1:]``,
     so no target ever belongs to another document), then whole documents are placed into
@@ -32,7 +36,7 @@ import numpy as np
 
 from jaxlm.common_types import DataError
 
-PACKINGS = ("concat", "first_fit", "best_fit")
+PACKINGS = ("concat", "windows", "first_fit", "best_fit")
 LONG_DOCUMENTS = ("split", "truncate")
 
 _PACKERS = {

@@ -11,7 +11,8 @@ run would see, also with ``num_workers`` grain worker processes (the calling pro
 
 Causal LM (``lm_dataset``): documents are tokenized and ended with ``eos``; with
 ``packing='concat'`` they are concatenated and cut into rows of ``seq_len + 1`` tokens
-(``inputs = row[:-1]``, ``targets = row[1:]``); with ``'first_fit'`` / ``'best_fit'`` whole
+(``inputs = row[:-1]``, ``targets = row[1:]``); with ``'windows'`` training rows are drawn at
+random offsets of the tokenized text (:mod:`jaxlm.data.windows`); with ``'first_fit'`` / ``'best_fit'`` whole
 documents are packed with ``segment_ids`` and ``positions`` (see :mod:`jaxlm.data.packing`).
 
 All builders share the arguments of :func:`lm_dataset` and dispatch by name through
@@ -40,7 +41,7 @@ import grain
 import numpy as np
 
 from jaxlm.common_types import DataError
-from jaxlm.data import objectives, objectives_t5
+from jaxlm.data import objectives, objectives_t5, windows
 from jaxlm.data import packing as packing_lib
 from jaxlm.data.loading import finish, keyed_records, to_iter
 from jaxlm.data.pipeline_tasks import classification_dataset, qa_dataset, seq2seq_dataset, tagging_dataset
@@ -107,8 +108,10 @@ def lm_dataset(
       prefetch: batches prepared ahead on a background thread; 0 disables it and reads records
         in the caller instead of grain's 16-thread, 500-record read-ahead (cheap to start).
       num_workers: grain worker processes (0: none); each prepares whole batches.
-      packing: ``'concat'`` (rows cross documents), ``'first_fit'`` or ``'best_fit'`` (whole
-        documents per row, adds ``segment_ids`` and ``positions``).
+      packing: ``'concat'`` (rows cross documents), ``'windows'`` (training rows at random
+        offsets of the tokenized text, :mod:`jaxlm.data.windows`; a finite or unshuffled pass
+        reads ``concat`` chunks), ``'first_fit'`` or ``'best_fit'`` (whole documents per row,
+        adds ``segment_ids`` and ``positions``).
       long_documents: packed modes only: ``'split'`` a document longer than a row into pieces
         or ``'truncate'`` it.
       num_packing_bins: rows filled at a time when packing (0: ``batch_size``).
@@ -116,12 +119,18 @@ def lm_dataset(
       text_field: the record field holding the text.
     """
     packing_lib.check_choice(packing, packing_lib.PACKINGS, "packing")
+    if packing == "windows" and shuffle and num_epochs is None:
+        stream = windows.token_stream(
+            source, tokenizer, shard_index=shard_index, shard_count=shard_count, add_bos=add_bos, text_field=text_field
+        )
+        rows = windows.window_rows(stream, seq_len=seq_len, seed=seed, pad_id=tokenizer.pad_id, shard_index=shard_index)
+        return finish(to_iter(rows, prefetch), batch_size=batch_size, prefetch=prefetch, num_workers=num_workers)
     ds, _ = keyed_records(
         source, seed=seed, shuffle=shuffle, shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs
     )
     it = to_iter(ds.map(_Tokenize(tokenizer, text_field, add_bos)), prefetch)
     pad_id = tokenizer.pad_id
-    if packing == "concat":
+    if packing in ("concat", "windows"):  # a finite pass (evaluation) reads fixed chunks
         it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len + 1})
         it = it.map(_ShiftRow(pad_id))
     else:

@@ -48,11 +48,22 @@ def _dataset_options(config: Config) -> tuple[dict[str, Any], tuple[str, ...]]:
     return {}, ()
 
 
+def lm_packing(config: Config) -> str:
+    """``config.data.packing`` with ``'auto'`` resolved: random windows over local text, concat for catalog streams.
+
+    ``windows`` holds the tokenized training text in memory (nanoGPT's recipe: its loss per
+    token, see ``bench/recipe_parity.py``); a catalog dataset is streamed instead.
+    """
+    if config.data.packing != "auto":
+        return config.data.packing
+    return "concat" if config.data.source == "tfds" else "windows"
+
+
 def resolve(config: Config) -> TaskData:
     """The objective's builder options and label names for ``config`` (one-line errors when labels are unknown)."""
     d, t = config.data, config.task
     if d.objective == "causal_lm":
-        return TaskData({"packing": d.packing, "long_documents": d.long_documents}, ())
+        return TaskData({"packing": lm_packing(config), "long_documents": d.long_documents}, ())
     if d.objective == "masked_lm":
         return TaskData({"long_documents": d.long_documents}, ())
     if d.objective in ("nsp", "span_corruption"):

@@ -125,6 +125,9 @@ def _run(config: Config, workdir: str, *, stop_at: int | None, stream: TextIO | 
             m.grad_barrier, m.fuse_qkv, config.train.cond_update, m.matmul_dtype, m.dtype
         )
         print(f"jaxlm train on {switches}", file=stream, flush=True)
+    # The persistent compilation cache before the first compilation (the sharded init), so that a
+    # restarted run loads init from it too, and a bad cache directory is refused before any work.
+    experiment.enable_compile_cache(config.train.compile_cache_dir)
 
     # ---- Data. Process 0 prepares the dataset first, so processes sharing a filesystem do
     # not write the same files at once; the others then open what it wrote.
@@ -204,7 +207,6 @@ def _run(config: Config, workdir: str, *, stop_at: int | None, stream: TextIO | 
     step_fn = experiment.train_step_fn(exp)
     rng = jax.random.key(config.seed + 1)
     eval_fn = evaluator.make_eval_fn(exp)
-    experiment.enable_compile_cache(config.train.compile_cache_dir)
     t0 = time.perf_counter()
     # A PEFT step also takes the frozen base (sharded like parameters, never donated).
     frozen = () if base is None else (base,)
@@ -245,7 +247,9 @@ def _run(config: Config, workdir: str, *, stop_at: int | None, stream: TextIO | 
             print(peft_summary(exp), file=stream, flush=True)
             n_params = experiment.param_count(exp.abstract_base)
         print(
-            f"training {config.model.kind} on {config.data.objective}: {n_params:,} params, "
+            f"training {config.model.kind} on {config.data.objective}"
+            + (f" ({task.options['packing']} rows)" if "packing" in task.options else "")
+            + f": {n_params:,} params, "
             f"{exp.mesh.size} devices {dict(exp.mesh.shape)}, steps {start}->{end}, compile {compile_s:.1f}s, "
             + (
                 f"MFU vs {peak:.3g} FLOP/s per device"

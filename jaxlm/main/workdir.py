@@ -106,6 +106,7 @@ def check_compatible(workdir: str, config: Config) -> Config:
                 flush=True,
             )
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_multiple=multiple))
+    config = _saved_packing(workdir, saved_cfg, config)
     old = config_lib.flatten(_asdict(saved_cfg))
     new = config_lib.flatten(_asdict(config))
     for key in sorted(new):
@@ -117,6 +118,24 @@ def check_compatible(workdir: str, config: Config) -> Config:
                 "use a new --workdir or the same model config"
             )
     return config
+
+
+def _saved_packing(workdir: str, saved: Config, config: Config) -> Config:
+    """``config`` with the saved run's ``data.packing``: its checkpoints hold that pipeline's data state.
+
+    Runs written before ``packing='auto'`` existed say ``'concat'`` and keep reading that way.
+    """
+    packing = saved.data.packing
+    if packing == config.data.packing:
+        return config
+    if config.data.packing != "auto":  # set explicitly
+        print(
+            f"notice: config.data.packing={config.data.packing!r} ignored: the run in {workdir} "
+            f"reads its data with packing={packing!r}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, packing=packing))
 
 
 def _asdict(config: Config) -> dict:

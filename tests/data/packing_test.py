@@ -114,7 +114,7 @@ def test_packed_resume_gives_the_same_batches():
 
 
 def test_bad_packing_is_a_data_error():
-    with pytest.raises(DataError, match="packing='fifo' is not one of: concat, first_fit, best_fit"):
+    with pytest.raises(DataError, match="packing='fifo' is not one of: concat, windows, first_fit, best_fit"):
         _packed(_docs(), "fifo")
 
 

@@ -79,6 +79,25 @@ def test_stop_and_resume_reproduces_the_uninterrupted_losses(tiny_config, text_c
         assert json.load(f)["model"]["dropout_rate"] == 0.1
 
 
+def test_a_run_resumed_with_packing_auto_keeps_the_packing_it_was_written_with(tiny_config, text_corpus, tmp_path):
+    # A workdir written before packing='auto' says 'concat' and holds that pipeline's data state.
+    c = tiny_config
+    c.data.source, c.data.files, c.data.packing = "files", text_corpus, "concat"
+    c.train.num_steps, c.train.log_every, c.train.eval_every, c.train.eval_steps = 6, 1, 0, 1
+    c.checkpoint.every_steps = 3
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train.run(config_lib.validate(c), full, stream=io.StringIO())
+    train.run(config_lib.validate(c), part, stop_at=3, stream=io.StringIO())
+    c.data.packing = "auto"  # today's default: windows for local files
+    out = io.StringIO()
+    train.run(config_lib.validate(c), part, stream=out)
+    assert "(concat rows)" in out.getvalue()
+    a, b = _losses(full), _losses(part)
+    assert [a[s] for s in range(4, 7)] == [b[s] for s in range(4, 7)]
+    with open(os.path.join(part, "config.json")) as f:
+        assert json.load(f)["data"]["packing"] == "concat"
+
+
 def test_orbax_round_trip_is_exact(tiny_config, tmp_path):
     cfg = config_lib.validate(tiny_config)
     exp = experiment.build(cfg, 263)
