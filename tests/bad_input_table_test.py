@@ -4,6 +4,7 @@ holds (checkpoints, metrics, config) untouched."""
 
 import hashlib
 import os
+import shutil
 
 import pytest
 
@@ -218,16 +219,14 @@ def test_bad_input_is_one_line_exit_2_and_nothing_is_lost(name, world, capsys):
 
 
 def test_disk_full_during_save_keeps_earlier_checkpoints_and_metrics(world, capsys, monkeypatch):
+    # The earlier run: a copy of the fixture's finished 4-step run (checkpoints 2 and 4), resumed to
+    # 6 steps with the disk full at the step-6 save (one run to compile here instead of two).
     workdir = world["tmp"] / "full"
-    assert (
-        cli.execute(
-            ["train", *_base(world, workdir), "--config.train.num_steps=2", "--config.checkpoint.every_steps=2"]
-        )
-        == 0
-    )
+    shutil.copytree(world["run"], workdir)
+    assert sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit()) == [2, 4]
     before = _snapshot(workdir)
     metrics_before = (workdir / "metrics.jsonl").read_text()
-    monkeypatch.setenv(DISK_FULL_AT_SAVE_ENV, "4")
+    monkeypatch.setenv(DISK_FULL_AT_SAVE_ENV, "6")
     capsys.readouterr()
     status = cli.execute(
         ["train", *_base(world, workdir), "--config.train.num_steps=6", "--config.checkpoint.every_steps=2"]
@@ -236,12 +235,13 @@ def test_disk_full_during_save_keeps_earlier_checkpoints_and_metrics(world, caps
     assert status == 2 and len(err) == 1 and "No space left on device" in err[0], err
     after = _snapshot(workdir)
     for name, digest in before.items():
-        # The step-2 checkpoint and the tokenizer are untouched (config.json records the new
-        # num_steps; metrics and event files are appended to).
+        # The step-2 and step-4 checkpoints and the tokenizer are untouched (config.json records
+        # the new num_steps; metrics and event files are appended to).
         if name not in ("metrics.jsonl", "config.json") and not name.startswith("events."):
             assert after.get(name) == digest, name
-    assert (workdir / "metrics.jsonl").read_text().startswith(metrics_before)
-    assert sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit()) == [2]
+    metrics_after = (workdir / "metrics.jsonl").read_text()
+    assert metrics_after.startswith(metrics_before) and len(metrics_after) > len(metrics_before)
+    assert sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit()) == [2, 4]
 
 
 def test_table_has_at_least_30_cases():
