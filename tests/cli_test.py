@@ -159,8 +159,11 @@ def test_workdir_that_is_a_file_and_empty_corpus(tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("x")
     (tmp_path / "empty.txt").write_text("")
-    _assert_one_line_error(jaxlm("train", *_tiny(a_file, tmp_path / "d", tmp_path / "empty.txt")), "is a file")
-    _assert_one_line_error(jaxlm("train", *_tiny(tmp_path / "w", tmp_path / "d", tmp_path / "empty.txt")), "empty")
+    # In this process (the test above runs `jaxlm train` as a real process for its exit status).
+    _assert_one_line_error(run_in_process("train", *_tiny(a_file, tmp_path / "d", tmp_path / "empty.txt")), "is a file")
+    _assert_one_line_error(
+        run_in_process("train", *_tiny(tmp_path / "w", tmp_path / "d", tmp_path / "empty.txt")), "empty"
+    )
     assert not (tmp_path / "w").exists() or not os.listdir(tmp_path / "w")
     assert a_file.read_text() == "x"
 

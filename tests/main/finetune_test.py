@@ -1,6 +1,7 @@
 """Fine-tuning through `jaxlm train`: init_from by path, task heads, whole-split eval metrics, predict, resume."""
 
 import dataclasses
+import io
 import json
 import os
 
@@ -60,24 +61,30 @@ def _classifier(root, pre, **over):
     return config_lib.validate(c)
 
 
-def test_init_from_loads_the_base_initializes_the_head_and_ignores_the_lm_heads(world, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def finetuned(world, tmp_path_factory):
+    """One classifier fine-tuned from the base (init_from): its workdir, returned metrics, log and metrics file."""
     root, pre = world
-    out = train.run(_classifier(root, pre), str(tmp_path / "ft"))
-    log = capsys.readouterr().out
+    wd = str(tmp_path_factory.mktemp("finetuned") / "ft")
+    log = io.StringIO()
+    out = train.run(_classifier(root, pre), wd, stream=log)
+    return wd, out, log.getvalue(), read_metrics(wd)
+
+
+def test_init_from_loads_the_base_initializes_the_head_and_ignores_the_lm_heads(finetuned):
+    _, out, log, records = finetuned
     line = next(x for x in log.splitlines() if x.startswith("init_from"))
     assert "initialized 2 tensors" in line and "head/classifier/kernel" in line
     assert "ignored 7 tensors" in line and "mlm/" in line  # the MLM and next-sentence heads
     # Whole split: 21 examples in batches of 8 -> 3 batches, accuracy over exactly 21.
     assert out["eval_batches"] == 3
     assert 0.0 <= out["eval_accuracy"] <= 1.0 and "eval_macro_f1" in out
-    record = [r for r in read_metrics(str(tmp_path / "ft")) if "eval_accuracy" in r][-1]
+    record = [r for r in records if "eval_accuracy" in r][-1]
     assert record["eval_metric_impl"].startswith("scikit-learn ")
 
 
-def test_eval_and_predict_on_the_finetuned_workdir(world, tmp_path):
-    root, pre = world
-    wd = str(tmp_path / "ft")
-    train.run(_classifier(root, pre), wd)
+def test_eval_and_predict_on_the_finetuned_workdir(finetuned, tmp_path):
+    wd = finetuned[0]
     saved = config_lib.validate(config_lib.from_json(open(os.path.join(wd, "config.json")).read()))
     metrics = evaluate.run(saved, wd)
     assert metrics["eval_batches"] == 3 and "eval_accuracy" in metrics
@@ -90,10 +97,8 @@ def test_eval_and_predict_on_the_finetuned_workdir(world, tmp_path):
     assert cli.execute(["predict", "--workdir", wd, "--input", str(inp), "--output", str(outp)]) == 2
 
 
-def test_predict_errors_name_the_line(world, tmp_path, capsys):
-    root, pre = world
-    wd = str(tmp_path / "ft")
-    train.run(_classifier(root, pre), wd)
+def test_predict_errors_name_the_line(finetuned, tmp_path, capsys):
+    wd = finetuned[0]
     inp = tmp_path / "in.jsonl"
     for text, message in (
         ('{"text": "ok"}\n{"txt": "x"}\n', "in.jsonl:2: no field 'text'"),
