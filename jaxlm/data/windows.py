@@ -66,11 +66,8 @@ class _Window(grain.transforms.MapWithIndex):
 
 def window_rows(stream: np.ndarray, *, seq_len: int, seed: int, pad_id: int, shard_index: int = 0) -> grain.MapDataset:
     """Endless rows of ``seq_len`` inputs and targets at offsets of ``stream`` drawn from ``(seed, shard_index)``."""
-    if len(stream) <= seq_len + 1:
-        raise DataError(
-            f"packing='windows' needs more than seq_len + 1 = {seq_len + 1} training tokens on each host, "
-            f"found {len(stream)}; add data or lower config.data.seq_len"
-        )
+    if len(stream) < seq_len + 2:  # shorter than a row: repeated, as concat's epochs would fill a row
+        stream = np.tile(stream, -(-(seq_len + 2) // len(stream)))
     # One "epoch" is as many rows as non-overlapping chunks fit: only the index count matters here.
     epoch = max(1, len(stream) // (seq_len + 1))
     window = _Window(stream, seq_len, seed, shard_index, pad_id)

@@ -85,6 +85,23 @@ def test_evaluation_pass_reads_fixed_chunks_like_concat():
     assert len(w) == len(c) and all((x["inputs"] == y["inputs"]).all() for x, y in zip(w, c))
 
 
-def test_text_shorter_than_a_row_is_a_one_line_error():
-    with pytest.raises(DataError, match="packing='windows' needs more than seq_len"):
-        _rows(seq_len=10_000)
+def test_text_shorter_than_a_row_is_repeated_as_concat_would():
+    short = sources.ListSource(["abc"])  # 4 tokens with eos, rows of 17
+    batch = next(
+        iter(
+            pipeline.lm_dataset(
+                short, TOK, seq_len=16, batch_size=2, seed=0, shuffle=True, packing="windows", prefetch=0
+            )
+        )
+    )
+    cycle = np.r_[TOK.encode("abc"), TOK.eos_id]
+    for inputs in batch["inputs"]:
+        start = int(np.flatnonzero(cycle == inputs[0])[0])
+        np.testing.assert_array_equal(inputs, np.resize(np.roll(cycle, -start), 16))
+
+
+def test_no_documents_or_too_few_for_the_hosts_is_a_one_line_error():
+    with pytest.raises(DataError, match="no documents"):
+        windows.token_stream(sources.ListSource([]), TOK)
+    with pytest.raises(DataError, match="2 documents cannot be sharded over 4 hosts"):
+        windows.token_stream(sources.ListSource(["a", "b"]), TOK, shard_index=0, shard_count=4)
