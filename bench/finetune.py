@@ -46,6 +46,8 @@ def _run(config: config_lib.Config, workdir: str) -> tuple[dict, float]:
 
     t0 = time.perf_counter()
     out = train.run(config, workdir)
+    if "eval_loss" not in out:  # SIGTERM: the run saved a checkpoint and returned without its final eval
+        raise SystemExit(f"{workdir}: stopped before its last step (preempted); rerun to resume")
     return out, time.perf_counter() - t0
 
 
