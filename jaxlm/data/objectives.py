@@ -72,6 +72,15 @@ class TokenTable:
         self.starts_word = word_start_table(tokenizer, self.special) if words else None
 
 
+def document_tokens(
+    tokenizer: Tokenizer, record: Mapping[str, Any], field: str, *, add_bos: bool = False
+) -> np.ndarray:
+    """``[bos] ids eos`` of ``record[field]``: one causal-LM document (int32)."""
+    ids = tokenizer.encode(text_of(record, field))
+    parts = ([[tokenizer.bos_id]] if add_bos else []) + [ids, [tokenizer.eos_id]]
+    return np.concatenate(parts).astype(np.int32)
+
+
 def word_start_table(tokenizer: Tokenizer, special: np.ndarray) -> np.ndarray:
     """``starts_word[id]``: whether a token begins a new word (see the module docstring for the rule)."""
     letter = tokenizer.encode("a")

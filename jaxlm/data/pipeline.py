@@ -58,10 +58,9 @@ class _Tokenize(grain.transforms.Map):
         self._tokenizer, self._field, self._add_bos = tokenizer, field, add_bos
 
     def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
-        tok = self._tokenizer
-        ids = tok.encode(objectives.text_of(element["record"], self._field))
-        parts = ([[tok.bos_id]] if self._add_bos else []) + [ids, [tok.eos_id]]
-        return {"tokens": np.concatenate(parts).astype(np.int32)}
+        return {
+            "tokens": objectives.document_tokens(self._tokenizer, element["record"], self._field, add_bos=self._add_bos)
+        }
 
 
 class _ShiftRow(grain.transforms.Map):

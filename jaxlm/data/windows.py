@@ -37,18 +37,31 @@ def token_stream(
     add_bos: bool = False,
     text_field: str = "text",
 ) -> np.ndarray:
-    """The documents ``shard_index::shard_count`` of ``source``, tokenized and ended by ``eos``, as one array."""
+    """The documents ``shard_index::shard_count`` of ``source``, tokenized and ended by ``eos``, as one array.
+
+    The last stream is kept for the same source and tokenizer objects: the trainer builds a
+    throwaway pipeline to read the batch shapes before the real one, and must not tokenize twice.
+    """
+    global _last
     if len(source) == 0:
         raise DataError("the data source has no documents; check config.data.files")
     if len(source) < shard_count:
         raise DataError(f"{len(source)} documents cannot be sharded over {shard_count} hosts; add documents")
+    key = (shard_index, shard_count, add_bos, text_field)
+    if _last is not None and _last[0] is source and _last[1] is tokenizer and _last[2] == key:
+        return _last[3]
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
-    head = [tokenizer.bos_id] if add_bos else []
-    parts = []
-    for i in range(shard_index, len(source), shard_count):
-        ids = tokenizer.encode(objectives.text_of(source[i], text_field))
-        parts.append(np.asarray([*head, *ids, tokenizer.eos_id], dtype=dtype))
-    return np.concatenate(parts)
+    parts = [
+        objectives.document_tokens(tokenizer, source[i], text_field, add_bos=add_bos).astype(dtype)
+        for i in range(shard_index, len(source), shard_count)
+    ]
+    stream = np.concatenate(parts)
+    _last = (source, tokenizer, key, stream)
+    return stream
+
+
+# (source, tokenizer, options, stream) of the last token_stream call.
+_last: tuple[Any, Any, tuple, np.ndarray] | None = None
 
 
 class _Window(grain.transforms.MapWithIndex):
