@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
-_state = {"interrupted": False}
+_state = {"interrupted": False, "exiting": False}
 
 
 class Interrupted(KeyboardInterrupt):
@@ -118,10 +118,21 @@ class Preemption:
                 self._watch = None
 
 
+# The watcher thread and the main thread's handler can both see the second press and race into
+# _hard_exit; without one owner, the second caller found the lock already taken out of the held
+# list (its fd cleared, the file not yet unlinked) and called os._exit before the first had
+# removed WORKDIR/.lock. An RLock, because a third press can re-enter on the main thread.
+_EXIT_LOCK = threading.RLock()
+
+
 def _hard_exit() -> None:
-    _say("second Ctrl-C: exiting now; the newest complete checkpoint is kept, rerun to resume from it")
-    _release_locks()
-    os._exit(EXIT_INTERRUPTED)
+    with _EXIT_LOCK:  # another thread waits here until the owner's os._exit ends the process
+        if _state.get("exiting"):
+            return  # re-entered on the thread already exiting (a third press): let it finish
+        _state["exiting"] = True
+        _say("second Ctrl-C: exiting now; the newest complete checkpoint is kept, rerun to resume from it")
+        _release_locks()
+        os._exit(EXIT_INTERRUPTED)
 
 
 class _WakeupWatch:
