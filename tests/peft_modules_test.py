@@ -431,6 +431,7 @@ def _module_steps(cfg, steps=2):
     return base, param_paths.flatten(jax.tree.map(np.asarray, state.params))
 
 
+@pytest.mark.all_devices
 @pytest.mark.slow
 def test_prompt_and_adapters_over_eight_fsdp_devices_equal_one_device(tiny_config):
     tiny_config.optim.lr, tiny_config.data.seq_len = 1e-2, 24

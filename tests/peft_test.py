@@ -191,6 +191,7 @@ def _peft_steps(cfg, steps=2):
     return exp, base, param_paths.flatten(jax.tree.map(np.asarray, state.params))
 
 
+@pytest.mark.all_devices
 def test_fsdp_over_eight_devices_equals_one_device(tiny_config):
     """The frozen base sharded over fsdp (and the trainable head / biases with it) trains as on one device."""
     tiny_config.optim.lr = 1e-2

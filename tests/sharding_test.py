@@ -20,6 +20,8 @@ from jaxlm.common_types import ConfigError
 from jaxlm.main import experiment, train
 from jaxlm.metric_writer import read_metrics
 
+pytestmark = pytest.mark.all_devices  # every mesh here spans the simulated devices (conftest.py)
+
 AXES = ("data", "fsdp", "tensor", "sequence")
 MESHES = {
     "data=8": {"data": 8},

@@ -142,6 +142,7 @@ def test_resume_takes_precedence_over_init_from_and_is_exact(world, tmp_path, ca
     assert [a[s] for s in (3, 4)] == [b[s] for s in (3, 4)]
 
 
+@pytest.mark.all_devices
 @pytest.mark.slow
 def test_finetuning_sharded_over_eight_devices_equals_one_device(world, tmp_path):
     import jax

@@ -73,6 +73,7 @@ def test_gumbel_wgan_gp_with_transformer_models_trains(tmp_path):
     assert temps and all(t >= 1.0 for t in temps)
 
 
+@pytest.mark.all_devices
 @pytest.mark.slow
 def test_eight_devices_match_one(tmp_path):
     cfg = _config()

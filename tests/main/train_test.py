@@ -113,6 +113,7 @@ def test_orbax_round_trip_is_exact(tiny_config, tmp_path):
         assert x.sharding == y.sharding
 
 
+@pytest.mark.all_devices
 def test_state_is_created_sharded_on_the_mesh(tiny_config):
     c = tiny_config
     c.mesh.shape.data = 2

@@ -68,6 +68,7 @@ def test_padded_size_rounds_up_and_one_disables():
         _model_cfg(multiple=-1)
 
 
+@pytest.mark.all_devices
 def test_auto_multiple_follows_the_hardware_and_the_vocabulary_mesh_axes():
     c = config_lib.validate(config_lib.base_config())
     assert c.model.vocab_multiple == 0  # auto
@@ -213,6 +214,7 @@ def _losses(config, workdir):
     return np.array([r["loss"] for r in read_metrics(workdir) if "loss" in r])
 
 
+@pytest.mark.all_devices
 def test_tensor_parallel_default_config_trains_like_one_device(tmp_path, text_corpus):
     # The default vocabulary (263 byte ids) on tensor=2 failed with "dimension 263 ... do not divide".
     c = _tiny_config(tmp_path)

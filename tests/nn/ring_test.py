@@ -25,6 +25,8 @@ from jaxlm.nn.attention import xla_attention
 from jaxlm.nn.positions import PositionBias
 from jaxlm.nn.ring import ring_attention
 
+pytestmark = pytest.mark.all_devices  # every mesh here spans the simulated devices (conftest.py)
+
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
