@@ -127,7 +127,7 @@ _EXIT_LOCK = threading.RLock()
 
 def _hard_exit() -> None:
     with _EXIT_LOCK:  # another thread waits here until the owner's os._exit ends the process
-        if _state.get("exiting"):
+        if _state["exiting"]:
             return  # re-entered on the thread already exiting (a third press): let it finish
         _state["exiting"] = True
         _say("second Ctrl-C: exiting now; the newest complete checkpoint is kept, rerun to resume from it")
