@@ -235,40 +235,44 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address="127.0.0.1:" + sys.argv[2], num_processes=2, process_id=int(sys.argv[1]))
 from jaxlm.common_types import UserError
 from jaxlm.main import lock
-try:
-    held = lock.acquire(sys.argv[3])
-except UserError as e:
-    print("refused:", e, flush=True)
-else:
-    print("held" if held.held else "not held", flush=True)
-    held.release()
+# The result goes to a file: gloo writes to stdout too, even in the middle of a line.
+with open(sys.argv[4], "w") as out:
+    try:
+        held = lock.acquire(sys.argv[3])
+    except UserError as e:
+        out.write(f"refused: {e}")
+    else:
+        out.write("held" if held.held else "not held")
+        held.release()
 """
 
 
 def _two_processes(workdir):
+    results = [os.path.join(os.path.dirname(workdir), f"result{i}-{time.monotonic_ns()}") for i in range(2)]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _JOIN_AND_LOCK, str(i), port, workdir],
+            [sys.executable, "-c", _JOIN_AND_LOCK, str(i), port, workdir, results[i]],
             env=_env(),
-            stdout=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             text=True,
         )
         for i in range(2)
     ]
-    outs = []
     for p in procs:
         try:
-            lines = p.communicate(timeout=240)[0].strip().splitlines()
-            # gloo writes its own lines to stdout too, in any order
-            outs.append(next(line for line in lines if line.startswith(("held", "not held", "refused:"))))
+            p.wait(timeout=240)
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
             raise
+    outs = []
+    for path in results:
+        with open(path) as f:
+            outs.append(f.read().strip())
     return outs
 
 
