@@ -221,5 +221,6 @@ def qa_dataset(
         shard_count=shard_count,
         prefetch=prefetch,
         num_workers=num_workers,
+        num_epochs=num_epochs,
         keep=objectives_tasks.qa_keep,
     )

@@ -116,6 +116,10 @@ def token_classification_eval(model: nn.Module, params: Any, batch: Batch) -> tu
 def qa_loss(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None, deterministic: bool) -> tuple:
     """Mean of the start and end cross-entropies (BERT's SQuAD loss), summed over rows."""
     out = apply(model, params, rng, deterministic, batch["inputs"], **model_inputs(model, batch))
+    return _qa_loss_of(out, batch)
+
+
+def _qa_loss_of(out: dict[str, jax.Array], batch: Batch) -> tuple:
     w = row_weights(batch)
     start = losses.cross_entropy(out["start_logits"], batch["start_position"].astype(jnp.int32))
     end = losses.cross_entropy(out["end_logits"], batch["end_position"].astype(jnp.int32))
@@ -146,7 +150,7 @@ def qa_eval(
     """Loss and exact-span accuracy pairs; predicted and gold spans and the input ids to read them from."""
     out = apply(model, params, None, True, batch["inputs"], **model_inputs(model, batch))
     w = row_weights(batch)
-    loss_sum, count = qa_loss(model, params, batch, None, True)
+    loss_sum, count = _qa_loss_of(out, batch)  # from the same forward pass
     context = (batch["token_types"] == 1) & (batch["segment_ids"] != 0)
     start, end = best_span(out["start_logits"], out["end_logits"], context, max_answer_len)
     exact = (start == batch["start_position"]) & (end == batch["end_position"])

@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 
@@ -134,3 +136,24 @@ def test_qa_answers_past_the_cut_are_dropped_or_marked():
         _first(pipeline.qa_dataset, [_squad("target is near", "target", start=3)], seq_len=32)
     with pytest.raises(DataError, match="impossible='skip' is not one of: drop, mark"):
         _first(pipeline.qa_dataset, [near], seq_len=32, impossible="skip")
+
+
+def test_one_epoch_of_every_task_objective_reads_each_record_once_and_ends():
+    # Evaluation reads one epoch (num_epochs=1): a builder that ignored it repeated the split forever.
+    n, batch_size = 5, 2
+    cases = {
+        pipeline.seq2seq_dataset: ([{"source": f"s{i}", "target": f"t{i}"} for i in range(n)], {}, "inputs"),
+        pipeline.classification_dataset: ([{"text": f"x{i}", "label": i % 2} for i in range(n)], {}, "inputs"),
+        pipeline.tagging_dataset: (
+            [{"tokens": [f"w{i}"], "tags": ["O"]} for i in range(n)],
+            {"labels": objectives_tasks.bio_labels(["PER"])},
+            "inputs",
+        ),
+        pipeline.qa_dataset: ([_squad(f"the answer is a{i}", f"a{i}") for i in range(n)], {}, "inputs"),
+    }
+    for builder, (records, kw, key) in cases.items():
+        args = dict(seq_len=32, batch_size=batch_size, seed=0, shuffle=False, prefetch=0, num_epochs=1)
+        batches = list(itertools.islice(builder(records, TOK, **args, **kw), 10))  # 10: would not end
+        assert [len(b[key]) for b in batches] == [2, 2, 1], builder.__name__
+        rows = np.concatenate([b[key] for b in batches])
+        assert len({r.tobytes() for r in rows}) == n, builder.__name__
