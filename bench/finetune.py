@@ -41,14 +41,33 @@ def _config(spec: str, overrides: dict[str, str]) -> config_lib.Config:
     return config_lib.validate(c)
 
 
-def _run(config: config_lib.Config, workdir: str) -> tuple[dict, float]:
+def _run(config: config_lib.Config, workdir: str, earlier_seconds: float | None = None) -> tuple[dict, float | None]:
+    """Train (or resume) ``workdir``; its final metrics and the wall seconds of its training.
+
+    A workdir already at its last step is only evaluated again: its seconds are ``earlier_seconds``
+    (what an earlier run of this bench measured), or None when unknown.
+    """
+    from jaxlm import checkpoint
     from jaxlm.main import train
 
+    finished = checkpoint.latest_step(workdir) == config.train.num_steps
     t0 = time.perf_counter()
     out = train.run(config, workdir)
     if "eval_loss" not in out:  # SIGTERM: the run saved a checkpoint and returned without its final eval
         raise SystemExit(f"{workdir}: stopped before its last step (preempted); rerun to resume")
-    return out, time.perf_counter() - t0
+    return out, earlier_seconds if finished else time.perf_counter() - t0
+
+
+def _earlier(out: str) -> dict[tuple[str, str], dict]:
+    """Rows of an earlier result JSON at ``out``, by (model, task)."""
+    if not os.path.exists(out):
+        return {}
+    with open(out) as f:
+        return {(r["model"], r["task"]): r for r in json.load(f).get("rows", [])}
+
+
+def _secs(seconds: float | None) -> str:
+    return "?" if seconds is None else f"{seconds:.0f}s"
 
 
 def main() -> None:
@@ -63,26 +82,29 @@ def main() -> None:
     runs = os.path.join(ROOT, "runs", "bench-finetune", args.size)
     base = {"train.progress": "false", "train.eval_every": "0"}
     rows = []
+    earlier = _earlier(args.out)
     for model in args.models.split(","):
         pre_over = dict(base)
         if args.pretrain_steps:
             pre_over["train.num_steps"] = str(args.pretrain_steps)
         pre_dir = os.path.join(runs, f"{model}-pretrain")
-        _, pre_s = _run(_config(f"configs/{model}.py:size={args.size}", pre_over), pre_dir)
+        before = next((r["pretrain_seconds"] for (m, _), r in earlier.items() if m == model), None)
+        _, pre_s = _run(_config(f"configs/{model}.py:size={args.size}", pre_over), pre_dir, before)
         for task in MODELS[model]:
             metric, _ = TASKS[task]
             spec = f"configs/finetune.py:task={task},model={model},size={args.size}"
             over = base | {"train.num_steps": str(args.finetune_steps), "train.eval_steps": str(args.eval_steps)}
             result = {"model": model, "task": task, "metric": metric, "steps": args.finetune_steps}
             for start, extra in (("pretrained", {"checkpoint.init_from": pre_dir}), ("scratch", {})):
-                out, seconds = _run(_config(spec, over | extra), os.path.join(runs, f"{model}-{task}-{start}"))
+                before = earlier.get((model, task), {}).get(start, {}).get("seconds")
+                out, seconds = _run(_config(spec, over | extra), os.path.join(runs, f"{model}-{task}-{start}"), before)
                 result[start] = {"score": out.get(metric), "eval_loss": out.get("eval_loss"), "seconds": seconds}
             result["pretrain_seconds"] = pre_s
             rows.append(result)
             pre, scr = result["pretrained"], result["scratch"]
             print(
-                f"{model:4s} {task:13s} {metric:14s} pretrained {pre['score']:.4f} ({pre['seconds']:.0f}s)  "
-                f"scratch {scr['score']:.4f} ({scr['seconds']:.0f}s)  {args.finetune_steps} steps",
+                f"{model:4s} {task:13s} {metric:14s} pretrained {pre['score']:.4f} ({_secs(pre['seconds'])})  "
+                f"scratch {scr['score']:.4f} ({_secs(scr['seconds'])})  {args.finetune_steps} steps",
                 flush=True,
             )
             _write(args, rows)  # after every row: a run stopped part-way keeps what it measured

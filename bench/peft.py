@@ -26,6 +26,7 @@ Fine-tuning runs go to ``runs/bench-peft/<size>/`` (replaced on each run, so tim
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -115,6 +116,9 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--runs", default="", help="fine-tuning workdirs (default: runs/bench-peft/<size>)")
     p.add_argument("--out", default="", help="result JSON (default: bench/results/peft_<size>.json)")
+    p.add_argument(
+        "--fresh", action="store_true", help="rerun rows the result JSON already holds for the same settings"
+    )
     args = p.parse_args()
     from jaxlm.main import info
 
@@ -128,6 +132,7 @@ def main() -> None:
         sys.exit(f"unknown --methods / --tasks {unknown}; methods: {', '.join(METHODS)}; tasks: {', '.join(TASKS)}")
     rows, skipped = [], []
     out = args.out or os.path.join(ROOT, "bench", "results", f"peft_{args.size}.json")
+    kept = {} if args.fresh else _measured(out, args)
     for model in args.models.split(","):
         base = os.path.join(bases, f"{model}-pretrain")
         if checkpoint.latest_step(base) is None:
@@ -145,6 +150,10 @@ def main() -> None:
             spec = f"configs/finetune.py:task={task},model={model},size={args.size}"
             recipe_lr = _config(spec, {}).optim.lr
             for name in methods:
+                if (model, task, name) in kept:  # measured before with the same settings: kept, not rerun
+                    rows.append(kept.pop((model, task, name)))
+                    print(f"{model:4s} {task:12s} {name:12s} kept from {out}", flush=True)
+                    continue
                 over = quiet | METHODS[name] | {"checkpoint.init_from": base}
                 over |= {"train.num_steps": str(args.finetune_steps), "train.eval_steps": str(args.eval_steps)}
                 if name != "full":
@@ -198,10 +207,26 @@ def main() -> None:
                     f"peak {common.mib(peak):>6} MiB  {metric} {score:.4f}",
                     flush=True,
                 )
+    rows += kept.values()  # rows of methods and tasks not asked for this time stay in the file
     verdicts = _verdicts(rows)
     for line in verdicts:
         print(line)
     print(f"wrote {_write(args, out, rows, skipped, final=True)}")
+
+
+# Arguments that change what a row measures: rows from a JSON written with other values are not reused.
+_ROW_SETTINGS = ("size", "base", "pretrain_steps", "finetune_steps", "lr_scale", "eval_steps")
+
+
+def _measured(out: str, args: argparse.Namespace) -> dict[tuple[str, str, str], dict]:
+    """Rows of an earlier result JSON at ``out`` measured with the same settings, by (model, task, method)."""
+    if not os.path.exists(out):
+        return {}
+    with open(out) as f:
+        earlier = json.load(f)
+    if any(earlier.get("args", {}).get(k) != getattr(args, k) for k in _ROW_SETTINGS):
+        return {}
+    return {(r["model"], r["task"], r["method"]): r for r in earlier.get("rows", [])}
 
 
 def _write(args: argparse.Namespace, out: str, rows: list[dict], skipped: list[dict], *, final: bool) -> str:

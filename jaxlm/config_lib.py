@@ -240,7 +240,7 @@ def base_config() -> ml_collections.ConfigDict:
     # A step whose loss or gradients are not finite never updates the state. 'skip' carries on
     # and stops after max_nonfinite_steps such steps in a row; 'stop' stops at the first one.
     # JAX's persistent compilation cache, so a restarted run skips most compilation
-    # ('' = ~/.cache/jaxlm/xla; 'none' disables it).
+    # ('' = $JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/jaxlm/xla; 'none' disables it).
     c.train.compile_cache_dir = ""
     c.train.nonfinite_policy = "skip"
     c.train.max_nonfinite_steps = 10

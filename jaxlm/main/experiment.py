@@ -53,14 +53,16 @@ class Experiment:
 
 
 def enable_compile_cache(directory: str) -> str | None:
-    """Turn on JAX's persistent compilation cache in ``directory`` ('' = default, 'none' = off).
+    """Turn on JAX's persistent compilation cache in ``directory``; returns the directory used.
 
-    Every compiled program is cached (no minimum compile time or size), so a resumed run's
-    first step compiles from the cache. Returns the directory used.
+    ``''`` is the directory JAX was already given (``JAX_COMPILATION_CACHE_DIR``), else
+    ``~/.cache/jaxlm/xla``; ``'none'`` turns it off. Every compiled program is cached (no minimum
+    compile time or size), so a resumed run's first step compiles from the cache.
     """
     if directory == "none":
         return None
-    path = os.path.expanduser(directory or os.path.join("~", ".cache", "jaxlm", "xla"))
+    default = jax.config.jax_compilation_cache_dir or os.path.join("~", ".cache", "jaxlm", "xla")
+    path = os.path.expanduser(directory or default)
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -305,7 +305,8 @@ def _run(config: Config, workdir: str, *, stop_at: int | None, stream: TextIO) -
     if batch_size % divisor:
         raise ConfigError(f"config.data.batch_size={batch_size} must be divisible by the {divisor} batch shards")
 
-    # ---- State: the latest checkpoint, else a fresh one.
+    # ---- State: the latest checkpoint, else a fresh one (its init is compiled too: cache it).
+    experiment.enable_compile_cache(config.train.compile_cache_dir)
     manager = checkpoint.make_manager(workdir, config.checkpoint)
     restored = checkpoint.restore_latest_good(
         manager, gan.abstract_state, log=lambda m: print(m, file=sys.stderr, flush=True)
@@ -325,7 +326,6 @@ def _run(config: Config, workdir: str, *, stop_at: int | None, stream: TextIO) -
     # ---- Compiled updates (donated state, explicit shardings) and evaluation.
     repl = sharding.replicated(gan.mesh)
     batch_sharding = {"tokens": sharding.batch_sharding(gan.mesh, gan.rules, 2)}
-    experiment.enable_compile_cache(config.train.compile_cache_dir)
     compiled = {
         kind: jax.jit(
             fn,

@@ -293,7 +293,7 @@ def _run(config: Config, workdir: str, *, stop_at: int | None, stream: TextIO | 
                     logged
                     | {"lr": float(schedule(step - 1)), "step_time_s": step_time, "tokens_per_s": tokens_per_s}
                     | (
-                        {"mfu": config.data.batch_size / step_time * flops_per_example / (peak * jax.device_count())}
+                        {"mfu": config.data.batch_size / step_time * flops_per_example / (peak * exp.mesh.size)}
                         if peak
                         else {}
                     ),
