@@ -117,9 +117,9 @@ def write_result(name: str, payload: dict[str, Any], *, path: str | None = None)
     return path
 
 
-def read_result(name: str) -> dict[str, Any] | None:
-    """A previously written result, or None."""
-    path = os.path.join(RESULTS, f"{name}.json")
+def read_result(name: str, *, path: str | None = None) -> dict[str, Any] | None:
+    """A previously written result (``bench/results/<name>.json`` or ``path``), or None."""
+    path = path or os.path.join(RESULTS, f"{name}.json")
     if not os.path.isfile(path):
         return None
     with open(path) as f:

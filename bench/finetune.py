@@ -60,10 +60,8 @@ def _run(config: config_lib.Config, workdir: str, earlier_seconds: float | None 
 
 def _earlier(out: str) -> dict[tuple[str, str], dict]:
     """Rows of an earlier result JSON at ``out``, by (model, task)."""
-    if not os.path.exists(out):
-        return {}
-    with open(out) as f:
-        return {(r["model"], r["task"]): r for r in json.load(f).get("rows", [])}
+    earlier = common.read_result("finetune", path=out) or {}
+    return {(r["model"], r["task"]): r for r in earlier.get("rows", [])}
 
 
 def _secs(seconds: float | None) -> str:

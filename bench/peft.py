@@ -26,7 +26,6 @@ Fine-tuning runs go to ``runs/bench-peft/<size>/`` (replaced on each run, so tim
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -220,10 +219,7 @@ _ROW_SETTINGS = ("size", "base", "pretrain_steps", "finetune_steps", "lr_scale",
 
 def _measured(out: str, args: argparse.Namespace) -> dict[tuple[str, str, str], dict]:
     """Rows of an earlier result JSON at ``out`` measured with the same settings, by (model, task, method)."""
-    if not os.path.exists(out):
-        return {}
-    with open(out) as f:
-        earlier = json.load(f)
+    earlier = common.read_result(f"peft_{args.size}", path=out) or {}
     if any(earlier.get("args", {}).get(k) != getattr(args, k) for k in _ROW_SETTINGS):
         return {}
     return {(r["model"], r["task"], r["method"]): r for r in earlier.get("rows", [])}
