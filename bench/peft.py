@@ -16,10 +16,12 @@ the reason ``jaxlm`` gives.
 ``--pretrain_steps N`` pretrains a missing base into ``--base`` first (never one that exists).
 The ``lora`` row is the default LoRA (r=8 on attention query / value, ``peft.trainable`` the
 task head and BERT's pooler: 3% of the small BERT); ``lora_r4_head`` (r=4, only the task head
-trainable beside it: 0.55% of the small BERT) is the setting for the goal of <= 1% trainable
-parameters. Prefix and prompt tuning get ``data.seq_len`` shortened by their virtual tokens
-where the model's ``max_len`` has no room for them. PEFT methods train at ``--lr_scale`` x the
-recipe's learning rate.
+trainable beside it: 0.55% of the small BERT) and ``lora_r2_head`` (r=2: 0.6% of the 4x smaller
+small GPT, where r=4 is 1.09%) are the settings for the goal of <= 1% trainable parameters.
+Prefix and prompt tuning get ``data.seq_len`` shortened by their virtual tokens where the
+model's ``max_len`` has no room for them. PEFT methods train at ``--lr_scale`` x the recipe's
+learning rate; full fine-tuning runs at both (``full``: the recipe's, ``full_lr_scaled``: the
+PEFT rate), and the goal compares with the better of the two.
 Fine-tuning runs go to ``runs/bench-peft/<size>/`` (replaced on each run, so times are fresh).
 """
 
@@ -53,9 +55,14 @@ MODELS = {"bert": ("code_topic", "code_tokens", "code_qa"), "gpt": ("code_topic"
 # key, value and the MLP's output projection).
 METHODS = {
     "full": {"peft.method": "none"},
+    # Full fine-tuning at the PEFT methods' learning rate (--lr_scale x the recipe's): the recipe's rate
+    # is tuned for nothing here, so the goal compares LoRA with the better of the two full rows.
+    "full_lr_scaled": {"peft.method": "none"},
     "lora": {"peft.method": "lora"},
     # The goal's setting: LoRA r=4 on query / value with only the task head trainable beside it.
     "lora_r4_head": {"peft.method": "lora", "peft.rank": "4", "peft.trainable": "head/"},
+    # The same at r=2: the small GPT is 4x smaller than the small BERT, so r=4 is 1.09% of it.
+    "lora_r2_head": {"peft.method": "lora", "peft.rank": "2", "peft.trainable": "head/"},
     "dora": {"peft.method": "dora"},
     "ia3": {"peft.method": "ia3", "peft.targets": "attn/(key|value),mlp/wo"},
     "bitfit": {"peft.method": "bitfit"},
@@ -155,7 +162,7 @@ def main() -> None:
                     continue
                 over = quiet | METHODS[name] | {"checkpoint.init_from": base}
                 over |= {"train.num_steps": str(args.finetune_steps), "train.eval_steps": str(args.eval_steps)}
-                if name != "full":
+                if name != "full":  # full_lr_scaled too
                     over["optim.lr"] = str(args.lr_scale * recipe_lr)
                 if name in ("prefix", "prompt"):  # the virtual tokens take positions too
                     c = config_lib.load_config_file(os.path.join(ROOT, spec))
@@ -197,7 +204,7 @@ def main() -> None:
                     "seconds": seconds,
                 }
                 rows.append(row)
-                _write(args, out, rows, skipped, final=False)  # a long run keeps what it measured so far
+                _write(args, out, rows + list(kept.values()), skipped, final=False)  # a long run keeps what it measured
                 nan = float("nan")
                 score, step = row["score"] if row["score"] is not None else nan, row["median_step_time_s"] or nan
                 print(
@@ -231,15 +238,19 @@ def _write(args: argparse.Namespace, out: str, rows: list[dict], skipped: list[d
 
 
 def _verdicts(rows: list[dict]) -> list[str]:
-    """The issue's goal per model on code_topic: LoRA <= 1% trainable, within 2 points of full, >= 3x less optimizer."""
+    """The issue's goal per model on code_topic: LoRA <= 1% trainable, within 2 points of full, >= 3x less optimizer.
+
+    "Full" is the better scoring of the full fine-tuning rows (recipe and scaled learning rate).
+    """
     out = []
     for model in MODELS:
         got = {r["method"]: r for r in rows if r["model"] == model and r["task"] == "code_topic"}
-        if "full" not in got:
+        fulls = [got[n] for n in ("full", "full_lr_scaled") if n in got and got[n]["score"] is not None]
+        if not fulls:
             continue
-        full = got["full"]
-        for name in ("lora", "lora_r4_head"):
-            if name not in got or full["score"] is None or got[name]["score"] is None:
+        full = max(fulls, key=lambda r: r["score"])
+        for name in ("lora", "lora_r4_head", "lora_r2_head"):
+            if name not in got or got[name]["score"] is None:
                 continue
             r = got[name]
             gap = 100 * (full["score"] - r["score"])
@@ -247,7 +258,7 @@ def _verdicts(rows: list[dict]) -> list[str]:
             met = r["trainable_pct"] <= 1.0 and gap <= 2.0 and ratio >= 3.0
             out.append(
                 f"goal {model} code_topic {name}: {r['trainable_pct']:.2f}% trainable (<= 1%), "
-                f"{gap:+.1f} points below full (<= 2), optimizer state {ratio:.1f}x smaller (>= 3x): "
+                f"{gap:+.1f} points below {full['method']} (<= 2), optimizer state {ratio:.1f}x smaller (>= 3x): "
                 f"{'met' if met else 'not met'}"
             )
     return out
