@@ -232,7 +232,7 @@ def base_config() -> ml_collections.ConfigDict:
     # checkpoint.every_steps 0 = num_steps/4 (both capped at 10,000).
     c.train.log_every = 0
     c.train.eval_every = -1
-    c.train.eval_steps = 10  # batches per evaluation during training (0 = the whole split; jaxlm eval: all)
+    c.train.eval_steps = 10  # batches per evaluation in training, sampled across the split (0 = all; jaxlm eval: all)
     # FLOP/s per device, for MFU; 0 = by device kind and model.dtype from jaxlm/hardware.py
     # (H100, A100, TPU v4/v5e/v5p/v6e); on a CPU, this machine's probed matmul peak (cached per CPU).
     c.train.peak_flops = 0.0

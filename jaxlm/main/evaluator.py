@@ -1,8 +1,11 @@
 """Evaluate parameters on a split with the objective's eval step and metrics: one pass, padded, every metric.
 
-The split is read once in source order (``num_epochs=1``); its last, partial batch is padded
-with rows of weight 0 (``valid``), so every example counts exactly once and no row counts
-twice. Processes whose shard runs out first feed all-padding batches until every process is
+The split is read once (``num_epochs=1``); its last, partial batch is padded with rows of
+weight 0 (``valid``), so every example counts exactly once and no row counts twice. A whole-split
+pass reads source order; a capped one (``max_steps``, the trainer's periodic evaluation) reads the
+documents in one fixed order shuffled by ``config.data.seed``, so its batches sample the whole
+split (the same rows at every evaluation) instead of its first documents, which in a corpus of
+files are one or two files. Processes whose shard runs out first feed all-padding batches until every process is
 done. Pairs are reduced and host metrics computed by :func:`jaxlm.evaluation.summarize`;
 every name is returned with the ``eval_`` prefix.
 """
@@ -44,7 +47,9 @@ def make_eval_fn(exp: experiment.Experiment) -> Callable[..., Any]:
     return jax.jit(fn, in_shardings=(params, None))
 
 
-def _one_pass(config: Config, source: Any, tokenizer: Tokenizer, rows: int, data: task_data.TaskData) -> Iterator:
+def _one_pass(
+    config: Config, source: Any, tokenizer: Tokenizer, rows: int, data: task_data.TaskData, *, sample: bool
+) -> Iterator:
     count = jax.process_count()
     shard = len(source) >= count
     ds = pipeline.objective_builder(config.data.objective)(
@@ -53,7 +58,7 @@ def _one_pass(config: Config, source: Any, tokenizer: Tokenizer, rows: int, data
         seq_len=config.data.seq_len,
         batch_size=rows,
         seed=config.data.seed,
-        shuffle=False,
+        shuffle=sample,  # one epoch: the documents' order only, fixed by the seed
         prefetch=0,
         num_epochs=1,
         shard_index=jax.process_index() if shard else 0,
@@ -102,7 +107,7 @@ def evaluate(
     cfg = exp.config
     data = task_data.resolve(cfg)
     rows = cfg.data.batch_size // jax.process_count()
-    it = _one_pass(cfg, source, tokenizer, rows, data)
+    it = _one_pass(cfg, source, tokenizer, rows, data, sample=max_steps > 0)
     template: dict[str, np.ndarray] | None = None
     pairs: list[dict] = []
     outputs: dict[str, list[np.ndarray]] = {}
