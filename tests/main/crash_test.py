@@ -47,7 +47,8 @@ def _args(workdir, corpus, data_dir, *extra):
 
 def _env(devices):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    # The optimization level of tests/conftest.py: these runs compile the same programs faster.
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=1"
     return env
 
 

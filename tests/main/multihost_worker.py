@@ -13,7 +13,8 @@ does: one line on stderr and exit status 2.
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+# 4 devices at the optimization level of tests/conftest.py (compiles faster).
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=1"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import json  # noqa: E402
