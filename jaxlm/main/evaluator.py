@@ -3,10 +3,10 @@
 The split is read once (``num_epochs=1``); its last, partial batch is padded with rows of
 weight 0 (``valid``), so every example counts exactly once and no row counts twice. A whole-split
 pass reads source order; a capped one (``max_steps``, the trainer's periodic evaluation) reads the
-documents in one fixed order shuffled by ``config.data.seed``, so its batches sample the whole
-split (the same rows at every evaluation) instead of its first documents, which in a corpus of
-files are one or two files. Processes whose shard runs out first feed all-padding batches until every process is
-done. Pairs are reduced and host metrics computed by :func:`jaxlm.evaluation.summarize`;
+documents in one order shuffled by ``config.data.seed``, so its batches sample the whole split
+(the same rows at every evaluation) rather than its first documents, which in a corpus of files
+all come from one or two files. Processes whose shard runs out first feed all-padding batches
+until every process is done. Pairs are reduced and host metrics computed by :func:`jaxlm.evaluation.summarize`;
 every name is returned with the ``eval_`` prefix.
 """
 
