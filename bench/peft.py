@@ -123,10 +123,20 @@ def main() -> None:
     p.add_argument("--runs", default="", help="fine-tuning workdirs (default: runs/bench-peft/<size>)")
     p.add_argument("--out", default="", help="result JSON (default: bench/results/peft_<size>.json)")
     p.add_argument(
-        "--fresh", action="store_true", help="rerun rows the result JSON already holds for the same settings"
+        "--fresh",
+        action="store_true",
+        help="rerun the requested rows even if the result JSON holds them (rows not requested are kept)",
     )
+    p.add_argument("--markdown", action="store_true", help="print the README's tables from the result JSON; no runs")
     args = p.parse_args()
     from jaxlm.main import info
+
+    if args.markdown:
+        result = common.read_result(f"peft_{args.size}", path=args.out or None)
+        if not result:
+            sys.exit(f"no result JSON for --size {args.size}; run this bench first")
+        print(markdown(result["rows"]))
+        return
 
     bases = os.path.abspath(args.base or os.path.join(ROOT, "runs", "bench-finetune", args.size))
     runs = os.path.abspath(args.runs or os.path.join(ROOT, "runs", "bench-peft", args.size))
@@ -138,7 +148,8 @@ def main() -> None:
         sys.exit(f"unknown --methods / --tasks {unknown}; methods: {', '.join(METHODS)}; tasks: {', '.join(TASKS)}")
     rows, skipped = [], []
     out = args.out or os.path.join(ROOT, "bench", "results", f"peft_{args.size}.json")
-    kept = {} if args.fresh else _measured(out, args)
+    # Rows measured before with the same settings; --fresh reruns the requested ones but keeps the rest.
+    kept = _measured(out, args)
     for model in args.models.split(","):
         base = os.path.join(bases, f"{model}-pretrain")
         if checkpoint.latest_step(base) is None:
@@ -156,10 +167,11 @@ def main() -> None:
             spec = f"configs/finetune.py:task={task},model={model},size={args.size}"
             recipe_lr = _config(spec, {}).optim.lr
             for name in methods:
-                if (model, task, name) in kept:  # measured before with the same settings: kept, not rerun
+                if (model, task, name) in kept and not args.fresh:  # measured before with these settings
                     rows.append(kept.pop((model, task, name)))
                     print(f"{model:4s} {task:12s} {name:12s} kept from {out}", flush=True)
                     continue
+                kept.pop((model, task, name), None)
                 over = quiet | METHODS[name] | {"checkpoint.init_from": base}
                 over |= {"train.num_steps": str(args.finetune_steps), "train.eval_steps": str(args.eval_steps)}
                 if name != "full":  # full_lr_scaled too
@@ -202,6 +214,8 @@ def main() -> None:
                     "score": evals[-1][metric] if evals else None,
                     "eval_loss": evals[-1].get("eval_loss") if evals else None,
                     "seconds": seconds,
+                    # Rows of one file may come from different machines (kept rows): each says where it ran.
+                    "cpu": {"model": common.cpu_model(), "flags": common.cpu_flags()},
                 }
                 rows.append(row)
                 _write(args, out, rows + list(kept.values()), skipped, final=False)  # a long run keeps what it measured
@@ -262,6 +276,42 @@ def _verdicts(rows: list[dict]) -> list[str]:
                 f"{'met' if met else 'not met'}"
             )
     return out
+
+
+def markdown(rows: list[dict]) -> str:
+    """The README's two tables from result rows: ``code_topic`` per model, then the other tasks' metrics."""
+    by = {(r["model"], r["task"], r["method"]): r for r in rows}
+    names = [n for n in METHODS if any(k[2] == n for k in by)]
+
+    def cells(model: str, task: str, name: str, full: bool) -> list[str]:
+        r = by.get((model, task, name))
+        if r is None or r["score"] is None:
+            return ["–"] * (5 if full else 1)
+        score = f"{r['score']:.3f}" if r["metric"] != "eval_f1" or r["score"] <= 1 else f"{r['score']:.1f}"
+        if not full:
+            return [score]
+        step = r["median_step_time_s"]
+        return [
+            f"{r['trainable_pct']:.2f}",
+            f"{r['optimizer_state_bytes'] / 1e6:.2f} MB",
+            f"{1e3 * step:.0f} ms" if step else "–",
+            f"{common.mib(r['peak_rss_bytes'])} MiB",
+            score,
+        ]
+
+    head = [f"{m.upper()} {c}" for m in MODELS for c in ("trainable %", "Adam state", "step", "peak RSS", "accuracy")]
+    lines = ["| method | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+    for name in names:
+        row = [c for m in MODELS for c in cells(m, "code_topic", name, True)]
+        lines.append(f"| `{name}` | " + " | ".join(row) + " |")
+    others = [("bert", "code_tokens", "tokens span F1, BERT"), ("gpt", "code_tokens", "tokens span F1, GPT")]
+    others += [("bert", "code_qa", "QA F1 (0-100), BERT"), ("gpt", "code_summary", "summary ROUGE-L, GPT")]
+    lines += ["", "| method | " + " | ".join(t for _, _, t in others) + " |", "|---|" + "---:|" * len(others)]
+    for name in names:
+        if not any((m, t, name) in by for m, t, _ in others):
+            continue
+        lines.append(f"| `{name}` | " + " | ".join(cells(m, t, name, False)[0] for m, t, _ in others) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
