@@ -287,7 +287,7 @@ def markdown(rows: list[dict]) -> str:
         r = by.get((model, task, name))
         if r is None or r["score"] is None:
             return ["–"] * (5 if full else 1)
-        score = f"{r['score']:.3f}" if r["metric"] != "eval_f1" or r["score"] <= 1 else f"{r['score']:.1f}"
+        score = f"{r['score']:.1f}" if task == "code_qa" else f"{r['score']:.3f}"  # QA F1 is on SQuAD's 0-100
         if not full:
             return [score]
         step = r["median_step_time_s"]
