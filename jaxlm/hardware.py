@@ -213,6 +213,9 @@ def describe_switches(grad_barrier: str, fuse_qkv: str, cond_update: str, matmul
         why = "set"
     elif jnp.dtype(dtype) != jnp.bfloat16:
         why = f"model.dtype {dtype}"
+        # Point out a CPU whose bf16 matmuls are faster, once, where the user chooses the dtype.
+        if backend == "cpu" and CPU_SWITCHES["bf16_matmul"][cpu_info().isa][0]:
+            why += f"; model.dtype=bfloat16 would multiply bf16 here: {CPU_SWITCHES['bf16_matmul'][cpu_info().isa][1]}"
     elif backend == "cpu":
         why = CPU_SWITCHES["bf16_matmul"][cpu_info().isa][1]
     else:

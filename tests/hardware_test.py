@@ -100,6 +100,10 @@ def test_matmul_operand_dtype(monkeypatch):
         line = hardware.describe_switches("auto", "off", "on", "auto", "bfloat16")
         assert line.startswith(f"CPU {isa}: ") and f"matmul operands {jnp.dtype(expected).name}" in line
         assert "fuse_qkv off (set)" in line
+        # At float32 a CPU with fast bf16 matmuls says so (the dtype is the user's choice); AVX2 does not.
+        line = hardware.describe_switches("auto", "auto", "auto", "auto", "float32")
+        assert "matmul operands float32 (model.dtype float32" in line
+        assert ("model.dtype=bfloat16 would multiply bf16 here" in line) == (isa == "avx512_bf16")
 
 
 def test_the_cpu_peak_is_probed_once_and_cached_per_cpu(tmp_path, monkeypatch):
