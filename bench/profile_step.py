@@ -112,7 +112,7 @@ def classify(info: dict[str, Any] | None) -> str:
     if info is None:
         return "other"
     ops = info["ops"]
-    if ops & {"dot", "convolution"} or "__onednn$matmul" in info["line"] or "dot" in info["opcode"]:
+    if ops & {"dot", "convolution"} or "__onednn$matmul" in info["line"]:
         return "matmul"
     if info["opcode"] in {"copy", "transpose"} or (info["opcode"] == "fusion" and ops <= _MOVES):
         return "copy"

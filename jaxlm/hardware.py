@@ -85,7 +85,7 @@ CPU_SWITCHES: dict[str, dict[str, tuple[bool, str]]] = {
         "other": (True, "as avx2"),
     },
     "cond_update": {
-        "amx": (True, "tiny/small/baby tokens/s without it 0.94x/0.98x/0.98x; step memory -9%"),
+        "amx": (True, "tiny/small/baby tokens/s without it 0.94x/0.98x/0.98x"),
         "avx512_bf16": (True, "baby +3%, step memory -9%"),
         "avx512": (True, "as avx512_bf16"),
         "avx2": (True, "tiny f32 +12% tokens/s, CPU time -5%; step memory -9%"),
@@ -213,9 +213,10 @@ def describe_switches(grad_barrier: str, fuse_qkv: str, cond_update: str, matmul
         why = "set"
     elif jnp.dtype(dtype) != jnp.bfloat16:
         why = f"model.dtype {dtype}"
-        # Point out a CPU whose bf16 matmuls are faster, once, where the user chooses the dtype.
-        if backend == "cpu" and CPU_SWITCHES["bf16_matmul"][cpu_info().isa][0]:
-            why += f"; model.dtype=bfloat16 would multiply bf16 here: {CPU_SWITCHES['bf16_matmul'][cpu_info().isa][1]}"
+        # The dtype is the user's choice (not auto), but a CPU whose bf16 matmuls are faster says so.
+        bf16_fast, reason = CPU_SWITCHES["bf16_matmul"][cpu_info().isa] if backend == "cpu" else (False, "")
+        if bf16_fast:
+            why += f"; model.dtype=bfloat16 would multiply bf16 here: {reason}"
     elif backend == "cpu":
         why = CPU_SWITCHES["bf16_matmul"][cpu_info().isa][1]
     else:
