@@ -200,6 +200,24 @@ def builder_class() -> type:
     return TextFiles
 
 
+def _write(builder: Any) -> Any:
+    """Write ``builder``'s records (array_record) and return a builder that reads the complete copy.
+
+    tfds writes into an ``incomplete.*`` sibling and renames it when complete, so a kill leaves
+    nothing ``is_prepared()`` accepts and the next run rebuilds. Two runs preparing the same files
+    at once: either the second rename fails, or the second run finds the first one's copy already
+    there and tfds returns without loading its split metadata into this builder. Either way the
+    complete copy on disk is what is read, so the builder is always reopened from its directory.
+    """
+    tfds = import_tfds()
+    try:
+        builder.download_and_prepare()
+    except OSError:
+        if not builder.is_prepared():
+            raise
+    return tfds.builder_from_directory(builder.data_dir)
+
+
 def _fingerprint(files: Sequence[str], eval_files: Sequence[str], options: list[Any]) -> str:
     h = hashlib.sha256()
     for path in list(files) + ["--eval--"] + list(eval_files):
@@ -264,16 +282,7 @@ def prepare_files(
                 features=features,
                 on_decode_error=on_decode_error,
             )
-        builder = cls(splits=splits, spec=spec, config=config, data_dir=data_dir, file_format="array_record")
-        # tfds writes into an 'incomplete.*' sibling and renames it when complete, so a kill leaves
-        # nothing is_prepared() accepts and the next run rebuilds. Two runs preparing the same files
-        # at once: the second rename fails; the first one's complete copy is then used.
-        try:
-            builder.download_and_prepare()
-        except OSError:
-            if not builder.is_prepared():
-                raise
-            builder = tfds.builder_from_directory(builder.data_dir)
+        builder = _write(cls(splits=splits, spec=spec, config=config, data_dir=data_dir, file_format="array_record"))
     return {split: builder.as_data_source(split=split) for split in ("train", "validation")}
 
 
@@ -318,8 +327,9 @@ def prepare_builtin_task(name: str, *, data_dir: str, eval_fraction: float) -> d
         builder = tfds.builder_from_directory(builder.data_dir)
     else:
         splits = builtin_tasks.build_task(name, eval_fraction, files)
-        builder = cls(splits=splits, spec=task.spec, config=config, data_dir=data_dir, file_format="array_record")
-        builder.download_and_prepare()
+        builder = _write(
+            cls(splits=splits, spec=task.spec, config=config, data_dir=data_dir, file_format="array_record")
+        )
     return {split: builder.as_data_source(split=split) for split in ("train", "validation")}
 
 

@@ -84,3 +84,36 @@ def test_two_preparations_of_the_same_files_at_once_both_succeed(tmp_path):
         t.join()
     assert not errors, errors
     assert [len(r["train"]) for r in results] == [len(results[0]["train"])] * 2
+
+
+def test_a_preparation_that_finds_another_runs_copy_already_written_reads_it(tmp_path, monkeypatch):
+    # The interleaving behind the two-threads case made deterministic: this run built its writer
+    # before the other run's rename and calls download_and_prepare after it, when tfds returns
+    # "Reusing dataset" without loading the split metadata into this run's builder.
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for i in range(4):
+        (d / f"{i}.txt").write_text("".join(f"line {i} {j}\n" for j in range(50)))
+    files, data_dir = sorted(glob.glob(str(d / "*.txt"))), str(tmp_path / "data")
+    cls = sources.builder_class()
+    original = cls.download_and_prepare
+
+    def other_run_finishes_first(self, *args, **kwargs):
+        monkeypatch.setattr(cls, "download_and_prepare", original)
+        other = cls(
+            splits=self._splits,
+            spec=self._spec,
+            config=self.builder_config,
+            data_dir=data_dir,
+            file_format="array_record",
+        )
+        other.download_and_prepare()
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "download_and_prepare", other_run_finishes_first)
+    splits = sources.prepare_text_files(files, [], "line", 0.1, data_dir)
+    clean = sources.prepare_text_files(files, [], "line", 0.1, str(tmp_path / "clean"))
+    assert len(_prepared_dirs(data_dir)) == 1
+    for split in ("train", "validation"):
+        assert len(splits[split]) == len(clean[split]) > 0
+        assert splits[split][0] == clean[split][0]
