@@ -6,7 +6,9 @@ under ``jax.profiler.trace`` for ``--steps`` steps after warm-up, and sums the t
 classified from the compiled HLO text: ``matmul`` (a dot, or a fusion that contains one),
 ``copy`` (copies, transposes, and fusions that only move data), ``reduce`` (fusions with a
 reduction: softmax sums, LayerNorm statistics, loss), ``elementwise`` (every other fusion),
-``other`` (collectives, conditionals, rng, ...). Op time sums the time of every op event, so on
+``other`` (collectives, conditionals, rng, ...). On a GPU, kernels of libraries (cuBLAS, cuDNN) that
+run inside a command buffer are not HLO instructions: they are classified by kernel name
+(``matmul``, ``attention``, ``other``). Op time sums the time of every op event, so on
 2 cores with independent ops running side by side it can exceed the step's wall time.
 
 Prints the wall time per step, the op time per kind (ms per step and share), and the top ops,
@@ -145,19 +147,49 @@ def _overlap(spans: list[tuple[float, float, bool]]) -> float:
     return total
 
 
-def trace_events(trace_dir: str) -> list[dict[str, Any]]:
-    """Complete ('X') events of the Perfetto trace ``jax.profiler`` wrote under ``trace_dir``."""
+def trace_events(trace_dir: str, *, device_only: bool = False) -> list[dict[str, Any]]:
+    """Complete ('X') events of the Perfetto trace ``jax.profiler`` wrote under ``trace_dir``.
+
+    ``device_only``: only the events of accelerator processes (``/device:GPU:0``...): on a GPU the
+    host's launch events carry the same op names as the kernels and would count each op twice.
+    """
     paths = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
     if not paths:
         raise SystemExit(f"no *.trace.json.gz under {trace_dir}: this jax did not write a Perfetto trace")
     with gzip.open(sorted(paths)[-1], "rt") as f:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
-    return [e for e in events if e.get("ph") == "X" and "dur" in e]
+    keep = None
+    if device_only:
+        keep = {
+            e.get("pid")
+            for e in events
+            if e.get("ph") == "M"
+            and e.get("name") == "process_name"
+            and "/device:" in str(e.get("args", {}).get("name", ""))
+            and "CPU" not in str(e.get("args", {}).get("name", ""))
+        }
+    return [e for e in events if e.get("ph") == "X" and "dur" in e and (keep is None or e.get("pid") in keep)]
 
 
-def profile(name: str, dtype: str, extra: dict[str, str], steps: int) -> dict[str, Any]:
-    """Build, warm up, trace ``steps`` steps; op time per instruction and kind."""
+def op_name(event: dict[str, Any], instrs: dict[str, dict[str, Any]]) -> str:
+    """The HLO instruction of a trace event: its name (CPU thunks, XLA's own GPU kernels), else its ``hlo_op``."""
+    name = event["name"].split(":")[0].strip()
+    return name if name in instrs else str(event.get("args", {}).get("hlo_op") or name)
+
+
+def library_kind(kernel: str) -> str:
+    """The kind of a GPU kernel that is not an HLO instruction (a library's, inside a command buffer)."""
+    k = kernel.lower()
+    if any(s in k for s in ("sdpa", "fmha", "flash", "cudnn::fusion")):
+        return "attention"
+    if any(s in k for s in ("gemm", "nvjet", "xmma", "cutlass", "cublas")):
+        return "matmul"
+    return "other"
+
+
+def profile(name: str, dtype: str, extra: dict[str, str], steps: int, trace_dir: str | None = None) -> dict[str, Any]:
+    """Build, warm up, trace ``steps`` steps; op time per instruction and kind (the trace kept in ``trace_dir``)."""
     config = train_bench.make_config(name, dtype, extra)
     built = train_bench.build_step(config)
     instrs = parse_hlo(built["step"].as_text())
@@ -167,24 +199,35 @@ def profile(name: str, dtype: str, extra: dict[str, str], steps: int) -> dict[st
             state, metrics = step(state, batch, rng)
         jax.block_until_ready((state, metrics))
         with tempfile.TemporaryDirectory() as tmp:
-            with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            out = trace_dir or tmp
+            with jax.profiler.trace(out, create_perfetto_trace=True):
                 t0 = time.perf_counter()
                 for _ in range(steps):
                     state, metrics = step(state, batch, rng)
                     jax.block_until_ready((state, metrics))
                 wall = (time.perf_counter() - t0) / steps
-            events = trace_events(tmp)
+            events = trace_events(out, device_only=jax.default_backend() != "cpu")
     per_op: dict[str, float] = collections.defaultdict(float)
+    kind_of: dict[str, str] = {}
     spans = []
     for e in events:
-        base = e["name"].split(":")[0].strip()
+        base = op_name(e, instrs)
         if base in instrs:
-            per_op[base] += e["dur"] / 1e3 / steps  # microseconds -> ms per step
-            spans.append((e["ts"], e["ts"] + e["dur"], classify(instrs[base]) == "matmul"))
+            kind_of[base] = classify(instrs[base])
+        elif jax.default_backend() != "cpu":  # cuBLAS / cuDNN kernels run inside a command buffer op
+            base = e["name"]
+            kind_of[base] = library_kind(base)
+        else:
+            continue
+        per_op[base] += e["dur"] / 1e3 / steps  # microseconds -> ms per step
+        spans.append((e["ts"], e["ts"] + e["dur"], kind_of[base] == "matmul"))
     kinds: dict[str, float] = collections.defaultdict(float)
     for op, ms in per_op.items():
-        kinds[classify(instrs.get(op))] += ms
-    matmul_flops = sum(instrs[op]["flops"] for op in per_op)
+        kinds[kind_of[op]] += ms
+    # The matmuls' speed over the ones whose FLOPs the HLO gives (library kernels have no shapes).
+    counted = [op for op in per_op if op in instrs and instrs[op]["flops"]]
+    matmul_flops = sum(instrs[op]["flops"] for op in counted)
+    matmul_ms = sum(per_op[op] for op in counted)
     tokens = config.data.batch_size * config.data.seq_len
     return {
         # Time in which at least one op ran (the union of their intervals), and of it the time with
@@ -200,12 +243,12 @@ def profile(name: str, dtype: str, extra: dict[str, str], steps: int) -> dict[st
         "tokens_per_s": tokens / wall,
         "op_ms_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
         "op_ms": dict(sorted(per_op.items(), key=lambda kv: -kv[1])),
-        "kind_of": {op: classify(instrs.get(op)) for op in per_op},
-        "flops_of": {op: instrs[op]["flops"] for op in per_op if instrs[op]["flops"]},
-        "what_of": {op: instrs[op]["what"] for op in per_op},
+        "kind_of": kind_of,
+        "flops_of": {op: instrs[op]["flops"] for op in counted},
+        "what_of": {op: instrs[op]["what"] if op in instrs else "library kernel" for op in per_op},
         # FLOPs of the dots that ran over their op time: the matmuls' own average speed.
-        "matmul_gflops_per_s": matmul_flops / max(kinds.get("matmul", 0.0), 1e-9) / 1e6,
-        "matched_events": sum(1 for e in events if e["name"].split(":")[0].strip() in instrs),
+        "matmul_gflops_per_s": matmul_flops / max(matmul_ms, 1e-9) / 1e6,
+        "matched_events": sum(1 for e in events if op_name(e, instrs) in instrs),
         "events": len(events),
     }
 
@@ -217,12 +260,14 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=12, help="ops listed per config")
+    p.add_argument("--trace_dir", default=None, help="keep the jax.profiler trace here (default: a temp dir)")
+    p.add_argument("--out", default=None, help="result path (default bench/results/profile_<config>_<dtype>.json)")
     args = p.parse_args()
     extra = dict(kv.split("=", 1) for kv in args.set)
     machine = common.machine()
     print(common.describe_machine(machine), flush=True)
     for name in args.configs.split(","):
-        r = profile(name, args.dtype, extra, args.steps)
+        r = profile(name, args.dtype, extra, args.steps, args.trace_dir)
         total = sum(r["op_ms_by_kind"].values())
         print(
             f"{name} {args.dtype}: {r['wall_ms']:.1f} ms/step wall ({r['tokens_per_s']:,.0f} tok/s), "
@@ -241,7 +286,7 @@ def main() -> None:
             speed = f"{flops / ms / 1e6:6.1f} GFLOP/s" if flops else " " * 14
             print(f"    {ms:7.2f} ms  {r['kind_of'][op]:11s} {speed}  {op}  {r['what_of'][op][:70]}")
         r["machine"] = machine
-        print(f"wrote {common.write_result(f'profile_{name}_{args.dtype}', r)}", flush=True)
+        print(f"wrote {common.write_result(f'profile_{name}_{args.dtype}', r, path=args.out)}", flush=True)
 
 
 if __name__ == "__main__":
