@@ -17,6 +17,7 @@ with their matmul FLOP/s where the HLO gives the shapes. The question it answers
 
     python bench/profile_step.py --configs baby
     python bench/profile_step.py --configs small --dtype bfloat16 --top 15
+    python bench/profile_step.py --from_trace bench/results/h200/trace_gpt2.json.gz --steps 3 --top 25
 
 Figures only; writes ``bench/results/profile_<config>_<dtype>.json``.
 """
@@ -188,6 +189,53 @@ def library_kind(kernel: str) -> str:
     return "other"
 
 
+def kernel_kind(kernel: str) -> str:
+    """The kind of a GPU kernel from its name alone (a saved trace without its HLO): XLA names its
+    kernels after the fusion (``gemm_fusion_*``, ``input_reduce_fusion_*``, ``loop_*_fusion``...)."""
+    kind = library_kind(kernel)
+    if kind != "other":
+        return kind
+    k = kernel.lower()
+    if "reduce" in k:
+        return "reduce"
+    if "transpose" in k or "copy" in k:
+        return "copy"
+    if "memset" in k or "memcpy" in k:
+        return "other"
+    return "elementwise"
+
+
+def summarize_trace(path: str, steps: int, top: int) -> dict[str, Any]:
+    """Kernel time by kind (named as :func:`kernel_kind` says) of a saved trace of ``steps`` steps."""
+    with gzip.open(path, "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    devices = {
+        e.get("pid")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name" and "/device:" in str(e.get("args", {}).get("name"))
+    }
+    kernels = [e for e in events if e.get("ph") == "X" and "dur" in e and (not devices or e.get("pid") in devices)]
+    per: dict[str, float] = collections.defaultdict(float)
+    for e in kernels:
+        per[e["name"]] += e["dur"] / 1e3 / steps
+    kinds: dict[str, float] = collections.defaultdict(float)
+    for name, ms in per.items():
+        kinds[kernel_kind(name)] += ms
+    spans = [(e["ts"], e["ts"] + e["dur"], False) for e in kernels]
+    first, last = min(e["ts"] for e in kernels), max(e["ts"] + e["dur"] for e in kernels)
+    return {
+        "trace": path,
+        "steps": steps,
+        "kernels_per_step": len(kernels) / steps,
+        "kernel_ms": sum(per.values()),
+        "busy_ms": _union(spans) / 1e3 / steps,
+        "span_ms": (last - first) / 1e3 / steps,
+        "ms_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+        "top": [(name, ms, kernel_kind(name)) for name, ms in sorted(per.items(), key=lambda kv: -kv[1])[:top]],
+    }
+
+
 def profile(name: str, dtype: str, extra: dict[str, str], steps: int, trace_dir: str | None = None) -> dict[str, Any]:
     """Build, warm up, trace ``steps`` steps; op time per instruction and kind (the trace kept in ``trace_dir``)."""
     config = train_bench.make_config(name, dtype, extra)
@@ -262,7 +310,21 @@ def main() -> None:
     p.add_argument("--top", type=int, default=12, help="ops listed per config")
     p.add_argument("--trace_dir", default=None, help="keep the jax.profiler trace here (default: a temp dir)")
     p.add_argument("--out", default=None, help="result path (default bench/results/profile_<config>_<dtype>.json)")
+    p.add_argument("--from_trace", default=None, help="summarize a saved GPU trace (*.trace.json.gz) of --steps steps")
     args = p.parse_args()
+    if args.from_trace:
+        r = summarize_trace(args.from_trace, args.steps, args.top)
+        print(
+            f"{r['trace']}: {r['kernels_per_step']:.0f} kernels per step, {r['kernel_ms']:.1f} ms of kernel time, "
+            f"busy {r['busy_ms']:.1f} ms of a {r['span_ms']:.1f} ms span per step"
+        )
+        for kind, ms in r["ms_by_kind"].items():
+            print(f"  {kind:12s} {ms:8.2f} ms  {100 * ms / r['kernel_ms']:5.1f}%")
+        for name, ms, kind in r["top"]:
+            print(f"    {ms:7.3f} ms  {kind:11s} {name[:100]}")
+        if args.out:
+            print(f"wrote {common.write_result('profile_trace', r, path=args.out)}")
+        return
     extra = dict(kv.split("=", 1) for kv in args.set)
     machine = common.machine()
     print(common.describe_machine(machine), flush=True)
