@@ -7,6 +7,10 @@
 #
 #     bash bench/gpu.sh [RESULT_DIR]     # default bench/results/<device>, e.g. bench/results/h200
 #
+# Needs jax with CUDA, flax, optax, orbax-checkpoint, torch, and jaxlm's other imports of the train
+# step: grain, array_record, ml_collections (plus portpicker for grain); on a machine without
+# network, bring those as wheels (`pip download --no-deps --python-version 3.12 ...`) and install
+# them with `pip install --no-index --no-deps --target DIR`, DIR on PYTHONPATH.
 # Figures only. Each part runs on even if another fails, so one bad part does not cost the others.
 set -u
 cd "$(dirname "$0")/.."
