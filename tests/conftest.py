@@ -1,6 +1,7 @@
 """Test setup: 8 simulated CPU devices so every sharding path runs on CPU; one compilation cache per session."""
 
 import atexit
+import glob
 import os
 import shutil
 import tempfile
@@ -21,8 +22,26 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # directory; the process that made it (the first to import this file) deletes it. JAX opens its
 # cache at a process's first compilation, in the directory configured then, so a later
 # `jax_compilation_cache_dir` update (train.run's config.train.compile_cache_dir) changes nothing.
+# The directory's name carries the pid of the process that made it, so the next session can delete
+# one whose owner died without cleaning up (a pytest killed with SIGKILL never runs atexit).
+
+
+def _remove_orphaned_caches() -> None:
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), "jaxlm-tests-xla-*-*")):
+        pid = os.path.basename(path).split("-")[3]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # no such process: nobody will delete it
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 if "JAXLM_TEST_COMPILE_CACHE" not in os.environ:
-    os.environ["JAXLM_TEST_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="jaxlm-tests-xla-")
+    _remove_orphaned_caches()
+    os.environ["JAXLM_TEST_COMPILE_CACHE"] = tempfile.mkdtemp(prefix=f"jaxlm-tests-xla-{os.getpid()}-")
     atexit.register(shutil.rmtree, os.environ["JAXLM_TEST_COMPILE_CACHE"], ignore_errors=True)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["JAXLM_TEST_COMPILE_CACHE"]
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
