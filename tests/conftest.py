@@ -14,19 +14,12 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# JAX's persistent compilation cache in a directory made for this test session, empty at its
-# start and deleted at its end, so nothing carries over between runs (a run costs what it costs on
-# a fresh machine). Many tests build the same small programs (the tiny configs' train and eval
-# steps, eager ops); with the cache each is compiled once per session instead of once per test.
-# xdist workers and the `jaxlm` subprocesses tests start inherit the variables and share the
-# directory; the process that made it (the first to import this file) deletes it. JAX opens its
-# cache at a process's first compilation, in the directory configured then, so a later
-# `jax_compilation_cache_dir` update (train.run's config.train.compile_cache_dir) changes nothing.
-# The directory's name carries the pid of the process that made it, so the next session can delete
-# one whose owner died without cleaning up (a pytest killed with SIGKILL never runs atexit).
-
 
 def _remove_orphaned_caches() -> None:
+    """Delete the session caches (below) whose owner died: a pytest killed with SIGKILL never runs atexit.
+
+    A cache directory's name carries the pid of the process that made it.
+    """
     for path in glob.glob(os.path.join(tempfile.gettempdir(), "jaxlm-tests-xla-*-*")):
         pid = os.path.basename(path).split("-")[3]
         if not pid.isdigit():
@@ -39,6 +32,14 @@ def _remove_orphaned_caches() -> None:
             pass
 
 
+# JAX's persistent compilation cache in a directory made for this test session, empty at its
+# start and deleted at its end, so nothing carries over between runs (a run costs what it costs on
+# a fresh machine). Many tests build the same small programs (the tiny configs' train and eval
+# steps, eager ops); with the cache each is compiled once per session instead of once per test.
+# xdist workers and the `jaxlm` subprocesses tests start inherit the variables and share the
+# directory; the process that made it (the first to import this file) deletes it. JAX opens its
+# cache at a process's first compilation, in the directory configured then, so a later
+# `jax_compilation_cache_dir` update (train.run's config.train.compile_cache_dir) changes nothing.
 if "JAXLM_TEST_COMPILE_CACHE" not in os.environ:
     _remove_orphaned_caches()
     os.environ["JAXLM_TEST_COMPILE_CACHE"] = tempfile.mkdtemp(prefix=f"jaxlm-tests-xla-{os.getpid()}-")
