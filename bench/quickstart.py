@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+
+from jaxlm.metric_writer import read_metrics  # noqa: E402
 
 CONFIG = os.path.join(common.REPO, "configs", "gpt.py") + ":size=small"
 JAXLM = [sys.executable, "-m", "jaxlm"]
@@ -65,19 +66,18 @@ def run_variant(name: str, flags: list[str], root: str, cold: bool) -> dict[str,
     seconds = time.perf_counter() - t0
     if train.returncode != 0:
         raise SystemExit(f"{name}: jaxlm train exited {train.returncode}: {train.stderr[-1500:]}")
+    trainer_evals = [r for r in read_metrics(workdir) if "eval_loss" in r]
     ev = subprocess.run([*JAXLM, "eval", "--workdir", workdir], env=env, capture_output=True, text=True)
-    losses = re.findall(r"eval_loss=([\d.]+)", ev.stdout + ev.stderr)
-    if ev.returncode != 0 or not losses:
+    evals = [r for r in read_metrics(workdir) if "eval_loss" in r]  # jaxlm eval appends its record
+    if ev.returncode != 0 or len(evals) <= len(trainer_evals):
         raise SystemExit(f"{name}: jaxlm eval exited {ev.returncode}: {ev.stderr[-1500:]}")
-    trainer_eval = re.findall(r"eval_loss=([\d.]+)", train.stdout + train.stderr)
-    steps = re.findall(r"^step (\d+):", train.stdout, re.M)
     return {
         "variant": name,
         "overrides": [f.removeprefix("--config.") for f in flags],
         "train_wall_s": seconds,
-        "steps": int(steps[-1]) if steps else None,
-        "trainer_eval_loss": float(trainer_eval[-1]) if trainer_eval else None,
-        "whole_split_eval_loss": float(losses[-1]),
+        "steps": evals[-1]["step"],
+        "trainer_eval_loss": trainer_evals[-1]["eval_loss"] if trainer_evals else None,
+        "whole_split_eval_loss": evals[-1]["eval_loss"],
     }
 
 
@@ -105,7 +105,7 @@ def main() -> None:
                 rows.append(row)
                 print(
                     f"  {row['variant']:<24} steps {row['steps']}  train {row['train_wall_s']:6.1f} s"
-                    f"{'' if timed else ' (side by side)'}  trainer eval {row['trainer_eval_loss']}  "
+                    f"{'' if timed else ' (side by side)'}  trainer eval {row['trainer_eval_loss']:.4f}  "
                     f"whole split {row['whole_split_eval_loss']:.4f}",
                     flush=True,
                 )
