@@ -148,29 +148,34 @@ def _overlap(spans: list[tuple[float, float, bool]]) -> float:
     return total
 
 
-def trace_events(trace_dir: str, *, device_only: bool = False) -> list[dict[str, Any]]:
-    """Complete ('X') events of the Perfetto trace ``jax.profiler`` wrote under ``trace_dir``.
+def read_trace(path: str, *, device_only: bool = False) -> list[dict[str, Any]]:
+    """Complete ('X') events of a Perfetto trace file (``*.trace.json.gz``).
 
-    ``device_only``: only the events of accelerator processes (``/device:GPU:0``...): on a GPU the
-    host's launch events carry the same op names as the kernels and would count each op twice.
+    ``device_only``: only the events of accelerator processes (``/device:GPU:0``...), where the
+    trace has any: on a GPU the host's launch events carry the same op names as the kernels and
+    would count each op twice.
     """
+    with gzip.open(path, "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    devices = {
+        e.get("pid")
+        for e in events
+        if e.get("ph") == "M"
+        and e.get("name") == "process_name"
+        and "/device:" in str(e.get("args", {}).get("name", ""))
+        and "CPU" not in str(e.get("args", {}).get("name", ""))
+    }
+    keep = devices if device_only and devices else None
+    return [e for e in events if e.get("ph") == "X" and "dur" in e and (keep is None or e.get("pid") in keep)]
+
+
+def trace_events(trace_dir: str, *, device_only: bool = False) -> list[dict[str, Any]]:
+    """:func:`read_trace` of the trace ``jax.profiler`` wrote under ``trace_dir``."""
     paths = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
     if not paths:
         raise SystemExit(f"no *.trace.json.gz under {trace_dir}: this jax did not write a Perfetto trace")
-    with gzip.open(sorted(paths)[-1], "rt") as f:
-        data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
-    keep = None
-    if device_only:
-        keep = {
-            e.get("pid")
-            for e in events
-            if e.get("ph") == "M"
-            and e.get("name") == "process_name"
-            and "/device:" in str(e.get("args", {}).get("name", ""))
-            and "CPU" not in str(e.get("args", {}).get("name", ""))
-        }
-    return [e for e in events if e.get("ph") == "X" and "dur" in e and (keep is None or e.get("pid") in keep)]
+    return read_trace(sorted(paths)[-1], device_only=device_only)
 
 
 def op_name(event: dict[str, Any], instrs: dict[str, dict[str, Any]]) -> str:
@@ -207,15 +212,7 @@ def kernel_kind(kernel: str) -> str:
 
 def summarize_trace(path: str, steps: int, top: int) -> dict[str, Any]:
     """Kernel time by kind (named as :func:`kernel_kind` says) of a saved trace of ``steps`` steps."""
-    with gzip.open(path, "rt") as f:
-        data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
-    devices = {
-        e.get("pid")
-        for e in events
-        if e.get("ph") == "M" and e.get("name") == "process_name" and "/device:" in str(e.get("args", {}).get("name"))
-    }
-    kernels = [e for e in events if e.get("ph") == "X" and "dur" in e and (not devices or e.get("pid") in devices)]
+    kernels = read_trace(path, device_only=True)
     per: dict[str, float] = collections.defaultdict(float)
     for e in kernels:
         per[e["name"]] += e["dur"] / 1e3 / steps
