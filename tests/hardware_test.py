@@ -1,11 +1,16 @@
 """The peaks the trainer's MFU is logged against, the CPU's classification and the auto switches."""
 
 import json
+import os
 
+import flax.linen as nn
 import jax
+import numpy as np
 import pytest
 
-from jaxlm import hardware
+from jaxlm import hardware, param_paths
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize(
@@ -143,3 +148,30 @@ def test_the_probe_measures_a_matmul(monkeypatch):
     monkeypatch.setattr(hardware, "PROBE_SIZE", 128)
     monkeypatch.setattr(hardware, "PROBE_SECONDS", 0.01)
     assert 1e7 < hardware._probe("float32") < 1e15
+
+
+def test_small_initializers_compile_cheaply_on_a_cpu_only():
+    cheap = hardware.init_compiler_options(10**6, backend="cpu")
+    assert cheap == {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    assert hardware.init_compiler_options(hardware.CHEAP_INIT_MAX_PARAMS, backend="cpu") == {}
+    assert hardware.init_compiler_options(10**6, backend="gpu") == {}
+    assert hardware.init_compiler_options(10**6, backend="tpu") == {}
+
+
+def test_a_cheaply_compiled_initializer_draws_the_optimized_programs_values():
+    from jaxlm import config_lib
+    from jaxlm.main import experiment
+
+    config = config_lib.validate(config_lib.load_config_file(os.path.join(REPO, "configs", "gpt.py") + ":size=tiny"))
+    exp = experiment.build(config, 263)
+    state = experiment.init_state(exp, 0)  # cheap on this CPU (the tiny GPT is far below the threshold)
+    assert hardware.init_compiler_options(experiment.param_count(state.params))
+
+    def init(rng):
+        args = experiment.example_args(exp.model_cfg, config.data.seq_len)
+        return nn.unbox(exp.model.init({"params": rng}, *args)["params"])
+
+    with jax.set_mesh(exp.mesh), nn.logical_axis_rules(exp.rules):
+        optimized = jax.jit(init)(jax.random.key(0))  # XLA's default options
+    for path, a in param_paths.flatten(state.params).items():
+        np.testing.assert_allclose(a, param_paths.flatten(optimized)[path], rtol=1e-6, atol=1e-7, err_msg=path)

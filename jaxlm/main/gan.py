@@ -202,8 +202,9 @@ def init_state(gan: Gan, seed: int) -> gan_steps.GanState:
         gp, dp = nn.unbox(gan.gen.init(k_g)), nn.unbox(gan.disc.init(k_d))
         return gan_steps.GanState.create(gp, dp, gan.g_tx, gan.d_tx, seed + 1)
 
+    num_params = experiment.param_count((gan.abstract_state.g_params, gan.abstract_state.d_params))
     with jax.set_mesh(gan.mesh), nn.logical_axis_rules(gan.rules):
-        return jax.jit(init, out_shardings=gan.state_shardings)(jax.random.key(seed))
+        return experiment.run_init(init, num_params, jax.random.key(seed), out_shardings=gan.state_shardings)
 
 
 def step_functions(gan: Gan, config: Config) -> dict[str, Callable[..., Any]]:
