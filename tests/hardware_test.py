@@ -162,9 +162,11 @@ def test_a_cheaply_compiled_initializer_draws_the_optimized_programs_values():
     from jaxlm import config_lib
     from jaxlm.main import experiment
 
-    config = config_lib.validate(config_lib.load_config_file(os.path.join(REPO, "configs", "gpt.py") + ":size=tiny"))
+    config = config_lib.load_config_file(os.path.join(REPO, "configs", "gpt.py") + ":size=tiny")
+    config.model.num_layers, config.model.embed_dim, config.model.mlp_dim = 1, 32, 64
+    config = config_lib.validate(config)
     exp = experiment.build(config, 263)
-    state = experiment.init_state(exp, 0)  # cheap on this CPU (the tiny GPT is far below the threshold)
+    state = experiment.init_state(exp, 0)  # cheap on this CPU (a tiny GPT is far below the threshold)
     assert hardware.init_compiler_options(experiment.param_count(state.params))
 
     def init(rng):

@@ -139,7 +139,11 @@ def _gpt_losses(sequence: int, steps: int = 3) -> list[float]:
         return optax.apply_updates(params, updates), opt_state, value
 
     losses = []
-    with jax.set_mesh(_mesh(sequence)), nn.logical_axis_rules(logical_axes.DEFAULT_RULES):
+    mesh = _mesh(sequence)
+    # Replicated over the mesh from the start, as the step returns them: one compilation, not a
+    # second one for the first step's uncommitted arrays.
+    params, opt_state = jax.device_put((params, opt_state), sharding.replicated(mesh))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(logical_axes.DEFAULT_RULES):
         for _ in range(steps):
             params, opt_state, value = step(params, opt_state)
             losses.append(float(value))
