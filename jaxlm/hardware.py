@@ -19,6 +19,9 @@ products), ``avx512``, ``avx2`` (AVX2 + FMA), ``other`` (anything else, e.g. Arm
 ``model.matmul_dtype`` are ``auto`` by default; :func:`auto_switch` decides them by backend and,
 on a CPU, by ISA from :data:`CPU_SWITCHES`, each entry A/B measured with ``bench/ab.py`` on the
 machines named in bench/README.md. :func:`describe_switches` is the line the trainer prints.
+
+**Initializers.** :func:`init_compiler_options` compiles a small model's one-off ``init`` program
+with XLA:CPU's cheap settings (half the start-up compile of the quick-start model).
 """
 
 from __future__ import annotations

@@ -3,8 +3,11 @@
 A pytest plugin and its report. Run the suite with it loaded (any pytest options; xdist workers
 each write their own file), then summarize::
 
-    PYTHONPATH=bench .venv/bin/python -m pytest -n 2 --dist loadfile -p suite_profile
-    python bench/suite_profile.py [--dir DIR] [--top 40]
+    PYTHONPATH=bench/plugins .venv/bin/python -m pytest -n 2 --dist loadfile -p suite_profile
+    python bench/plugins/suite_profile.py [--dir DIR] [--top 40]
+
+It sits in a folder of its own because ``PYTHONPATH=bench`` would put ``bench/peft.py`` and
+``bench/data.py`` in front of Hugging Face's ``peft`` and the tests' ``data`` package.
 
 Per test it records wall and CPU seconds of the test's protocol (setup, call, teardown) in the
 pytest process, and the seconds of JAX's ``jaxpr_trace``, ``jaxpr_to_mlir_module`` (lowering) and
