@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import hardware, param_paths
+from jaxlm import config_lib, hardware, param_paths
+from jaxlm.main import experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -159,9 +160,6 @@ def test_small_initializers_compile_cheaply_on_a_cpu_only():
 
 
 def test_a_cheaply_compiled_initializer_draws_the_optimized_programs_values():
-    from jaxlm import config_lib
-    from jaxlm.main import experiment
-
     config = config_lib.load_config_file(os.path.join(REPO, "configs", "gpt.py") + ":size=tiny")
     config.model.num_layers, config.model.embed_dim, config.model.mlp_dim = 1, 32, 64
     config = config_lib.validate(config)

