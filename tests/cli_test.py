@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from subprocess_env import subprocess_env
 
 from jaxlm import cli
 
@@ -16,10 +17,13 @@ GPT = os.path.join(REPO, "configs", "gpt.py")
 
 
 def jaxlm(*args, cwd=None):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
     return subprocess.run(
-        [sys.executable, "-m", "jaxlm", *args], capture_output=True, text=True, cwd=cwd or REPO, env=env, timeout=600
+        [sys.executable, "-m", "jaxlm", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        env=subprocess_env(),
+        timeout=600,
     )
 
 

@@ -237,7 +237,10 @@ def _run(config: Config, workdir: str, *, stop_at: int | None, stream: TextIO | 
     # The peak of the dtype the matmuls actually take (bf16 runs may use f32 operands on a CPU).
     matmul_dtype = hardware.matmul_operand_dtype(config.model.matmul_dtype, config.model.dtype).name
     peak = hardware.peak_flops(config.train.peak_flops, device_kind, matmul_dtype)
-    schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
+    # Jitted: one program for the logged learning rate. Eagerly, each log line dispatched the schedule's
+    # ~10 ops over the whole mesh (3.6 ms a line on 8 CPU devices, 0.2 ms jitted) and compiled each
+    # of them on first use.
+    schedule = jax.jit(optim.learning_rate_schedule(config.optim, config.train.num_steps))
     num_steps = config.train.num_steps
     end = num_steps if stop_at is None else min(stop_at, num_steps)
     cadence = loop.Cadence.from_config(config, end)

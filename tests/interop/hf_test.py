@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+from subprocess_env import subprocess_env
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -284,8 +285,7 @@ def test_refuses_to_overwrite(converted, st_dir, tmp_path):
 
 
 def jaxlm(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONIOENCODING="utf-8")
-    env.pop("XLA_FLAGS", None)
+    env = subprocess_env(PYTHONIOENCODING="utf-8")
     return subprocess.run(
         [sys.executable, "-m", "jaxlm", *args],
         capture_output=True,

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from subprocess_env import subprocess_env
 
 from jaxlm import checkpoint
 
@@ -26,8 +27,7 @@ def gpt2_dir(tmp_path_factory):
 
 
 def _convert(hf_dir, workdir):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-    env.pop("XLA_FLAGS", None)
+    env = subprocess_env(PYTHONPATH=REPO)
     args = [sys.executable, "-m", "jaxlm", "convert", "--from", "hf", hf_dir, "--workdir", str(workdir)]
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from subprocess_env import subprocess_env
 
 from jaxlm import checkpoint, config_lib
 from jaxlm.checkpoint import KILL_DURING_SAVE_ENV
@@ -46,10 +47,7 @@ def _args(workdir, corpus, data_dir, *extra):
 
 
 def _env(devices):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    # The optimization level of tests/conftest.py: these runs compile the same programs faster.
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=1"
-    return env
+    return subprocess_env(devices)
 
 
 def _final_params(workdir):
@@ -91,7 +89,9 @@ def test_sigkill_anywhere_then_restart_is_bitwise_identical(devices, text_corpus
     proc = subprocess.run(_args(crashed, text_corpus, data_dir, *extra), env=env, capture_output=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL
     kills += 1
-    kill_points = [2, 5, 6, 10, 15] if devices == 1 else [9, 20]
+    # Each restart is killed 2, 3 or 4 steps after it resumed (point % 4 + 1): before, at and after the
+    # next checkpoint (every 3 steps), once each on one device.
+    kill_points = [5, 10, 15] if devices == 1 else [9, 20]
     for point in kill_points:
         resumed_from = checkpoint.latest_step(str(crashed)) or 0
         proc = subprocess.Popen(
@@ -106,6 +106,6 @@ def test_sigkill_anywhere_then_restart_is_bitwise_identical(devices, text_corpus
         _args(crashed, text_corpus, data_dir, *extra), env=_env(devices), capture_output=True, text=True, timeout=300
     )
     assert final.returncode == 0, final.stderr[-2000:]
-    assert kills >= (6 if devices == 1 else 3)
+    assert kills >= (4 if devices == 1 else 3)
     for a, b in zip(_final_params(clean), _final_params(crashed)):
         np.testing.assert_array_equal(a, b)

@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from subprocess_env import subprocess_env
 
 from jaxlm import checkpoint, cli, config_lib, sharding
 from jaxlm.main import gan
@@ -108,9 +109,7 @@ def _args(workdir):
 
 @pytest.mark.slow
 def test_sigkill_anywhere_then_restart_is_bitwise_identical(tmp_path):
-    # 8 devices at the optimization level of tests/conftest.py (compiles faster, same values within tolerance).
-    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=1"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+    env = subprocess_env(8)
     clean = subprocess.run(_args(tmp_path / "clean"), env=env, capture_output=True, text=True, timeout=600)
     assert clean.returncode == 0, clean.stderr[-2000:]
     crashed = tmp_path / "crashed"

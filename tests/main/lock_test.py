@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from subprocess_env import subprocess_env
 
 from jaxlm import cli
 from jaxlm.common_types import CheckpointError
@@ -20,9 +21,7 @@ GPT = os.path.join(REPO, "configs", "gpt.py") + ":size=tiny"
 
 
 def _env():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-    env.pop("XLA_FLAGS", None)
-    return env
+    return subprocess_env(PYTHONPATH=REPO)
 
 
 def _losses(workdir):

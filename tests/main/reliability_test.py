@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from subprocess_env import subprocess_env
 
 from jaxlm import checkpoint, config_lib
 from jaxlm.main import experiment, train
@@ -207,8 +208,7 @@ def test_sigterm_saves_the_current_step_and_exits_zero_then_resumes_exactly(text
             "--config.optim.warmup_steps=0",
         ]
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = subprocess_env()
     workdir = tmp_path / "w"
     proc = subprocess.Popen(args(workdir), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120

@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from subprocess_env import subprocess_env
 
 from jaxlm import checkpoint, config_lib
 from jaxlm.main import experiment, lock
@@ -51,9 +52,7 @@ def _args(workdir, corpus, data_dir, steps, every):
 
 
 def _env():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-    env.pop("XLA_FLAGS", None)
-    return env
+    return subprocess_env(PYTHONPATH=REPO)
 
 
 def _start(args):

@@ -35,7 +35,8 @@ def test_tiny_model_learns_a_markov_source_to_its_entropy_in_float32_and_bfloat1
     c = tiny_config
     c.data.source = "files"
     c.data.files = path
-    c.train.num_steps = 300
+    # 150 steps reach 1.0036x the entropy rate in both dtypes (300: 1.0004x) [AMX Xeon].
+    c.train.num_steps = 150
     c.train.eval_every = 0
     c.train.eval_steps = 20
     c.optim.warmup_steps = 20
