@@ -13,8 +13,10 @@ Per test it records wall and CPU seconds of the test's protocol (setup, call, te
 pytest process, and the seconds of JAX's ``jaxpr_trace``, ``jaxpr_to_mlir_module`` (lowering) and
 ``backend_compile`` events (the last includes reading a persistent-cache hit), each compilation
 by the jitted function's name (``jit(multiply)`` and the like are op-by-op dispatches of eager
-code). Subprocesses a test starts are not seen: their time shows as wall without CPU.
-Files go to ``$JAXLM_SUITE_PROFILE_DIR`` (default ``/tmp/jaxlm-suite-profile``), one per process.
+code), and each compilation's call site: the innermost frame of ``tests/`` or ``jaxlm/`` that led
+to it, so that eager code's many small compilations can be traced to the lines that dispatch them.
+Subprocesses a test starts are not seen: their time shows as wall without CPU. Files go to
+``$JAXLM_SUITE_PROFILE_DIR`` (default ``/tmp/jaxlm-suite-profile``), two per process.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import glob
 import json
 import os
 import time
+import traceback
 from typing import Any
 
 DEFAULT_DIR = "/tmp/jaxlm-suite-profile"
@@ -37,6 +40,17 @@ EVENTS = {
 _current: dict[str, str | None] = {"test": None}
 _tests: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 _compiles: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+_sites: collections.Counter = collections.Counter()
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _call_site() -> str:
+    """The innermost frame in the repository's own code (tests/ or jaxlm/) that led to this compilation."""
+    for frame in reversed(traceback.extract_stack()):
+        path = os.path.relpath(frame.filename, _REPO)
+        if path.startswith(("tests" + os.sep, "jaxlm" + os.sep)):
+            return f"{path}:{frame.lineno} {frame.name}"
+    return "?"
 
 
 def _on_duration(event: str, duration: float, **kwargs: Any) -> None:
@@ -49,6 +63,9 @@ def _on_duration(event: str, duration: float, **kwargs: Any) -> None:
         name = kwargs.get("fun_name", "?")
         _compiles[test][name] += duration
         _compiles[test][name + " #"] += 1
+        site = f"{_call_site()} -> {name}"
+        _sites[site] += duration
+        _sites[site + " #"] += 1
 
 
 def _on_event(event: str, **kwargs: Any) -> None:
@@ -64,7 +81,7 @@ def pytest_configure(config: Any) -> None:
     import jax
 
     if "PYTEST_XDIST_WORKER" not in os.environ:  # the run's first process: drop an earlier run's files
-        for path in glob.glob(os.path.join(_directory(), "*.json")):
+        for path in glob.glob(os.path.join(_directory(), "*.json")) + glob.glob(os.path.join(_directory(), "*.sites")):
             os.remove(path)
 
     jax.monitoring.register_event_duration_secs_listener(_on_duration)
@@ -94,6 +111,8 @@ def pytest_unconfigure(config: Any) -> None:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     with open(os.path.join(directory, f"{worker}.json"), "w") as f:
         json.dump({t: {"times": dict(c), "compiles": dict(_compiles[t])} for t, c in _tests.items()}, f)
+    with open(os.path.join(directory, f"{worker}.sites"), "w") as f:
+        json.dump(dict(_sites), f)
 
 
 def summarize(directory: str, top: int) -> str:
@@ -125,6 +144,14 @@ def summarize(directory: str, top: int) -> str:
     names = [n for n in by_name if not n.endswith(" #")]
     for name in sorted(names, key=lambda n: -by_name[n])[:top]:
         lines.append(f"{by_name[name]:8.1f} {int(by_name[name + ' #']):6d}  {name}")
+    sites: collections.Counter = collections.Counter()
+    for path in glob.glob(os.path.join(directory, "*.sites")):
+        with open(path) as f:
+            sites.update(json.load(f))
+    if sites:
+        lines += ["", f"{'seconds':>8} {'count':>6}  where it was compiled from (innermost tests/ or jaxlm/ frame)"]
+        for site in sorted((k for k in sites if not k.endswith(" #")), key=lambda k: -sites[k])[:top]:
+            lines.append(f"{sites[site]:8.1f} {int(sites[site + ' #']):6d}  {site}")
     header = f"{'wall':>7} {'compile':>7} {'trace':>6} {'lower':>6} {'#comp':>6} {'tests':>5}  "
     lines += ["", header + "file"]
     for path, c in sorted(by_file.items(), key=lambda kv: -kv[1]["wall"])[:top]:
