@@ -19,6 +19,7 @@ CHECKPOINT_DIR = "checkpoints"
 
 def make_manager(workdir: str, cfg: CheckpointConfig, *, read_only: bool = False) -> ocp.CheckpointManager:
     """A CheckpointManager keeping the newest ``max_to_keep`` steps, saving asynchronously."""
+    one_replica_writes_on_cpu()
     directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.max_to_keep,
@@ -28,6 +29,28 @@ def make_manager(workdir: str, cfg: CheckpointConfig, *, read_only: bool = False
     )
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+def one_replica_writes_on_cpu() -> None:
+    """On a CPU backend, save each array shard from one replica instead of Orbax's replica-parallel split.
+
+    Orbax splits a replicated array into one slice per device so that the devices share the
+    device-to-host copies and the writes. A CPU's devices are all the host's memory: there the
+    split only adds work, a sliced copy per array and device (each slice shape compiled once per
+    process). Tiny GPT on 8 simulated CPU devices: first save 2.3 -> 0.19 s, later saves ~360 ->
+    ~150 ms; the files restore the same either way. Accelerators keep Orbax's default. The handler
+    keeps the default's array-metadata store (a private attribute: Orbax offers no public way to
+    change only this option).
+    """
+    if jax.default_backend() != "cpu":
+        return
+    current = ocp.type_handlers.get_type_handler(jax.Array)
+    if type(current) is not ocp.type_handlers.ArrayHandler or not getattr(current, "_use_replica_parallel", False):
+        return  # already replaced, or a handler someone else registered
+    handler = ocp.type_handlers.ArrayHandler(
+        use_replica_parallel=False, array_metadata_store=getattr(current, "_array_metadata_store", None)
+    )
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
 
 
 # Fault injection for the crash tests: SIGKILL this process right after the save of this
