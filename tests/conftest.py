@@ -6,11 +6,13 @@ import os
 import shutil
 import tempfile
 
+from subprocess_env import TEST_XLA_LEVEL
+
 # XLA:CPU backend optimization level 1 instead of 3: tests check numerics and behaviour on tiny
 # shapes, where compiling dominates; level 1 compiles faster (10-30% less CPU per test file,
 # 2-core AVX2 EPYC) and the programs compute the same values within every test's tolerance.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=1"
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {TEST_XLA_LEVEL}"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

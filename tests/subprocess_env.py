@@ -2,6 +2,10 @@
 
 import os
 
+# The XLA:CPU optimization level every test process compiles at (tests/conftest.py says why). It is
+# part of JAX's compilation-cache key, so in-process tests and their children must agree on it.
+TEST_XLA_LEVEL = "--xla_backend_optimization_level=1"
+
 
 def subprocess_env(devices: int = 1, **extra: str) -> dict[str, str]:
     """``os.environ`` for a child process on ``devices`` simulated CPU devices, plus ``extra``.
@@ -12,5 +16,5 @@ def subprocess_env(devices: int = 1, **extra: str) -> dict[str, str]:
     programs: a test's second, third... run of the same command compiles nothing.
     """
     env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=1"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {TEST_XLA_LEVEL}"
     return env
