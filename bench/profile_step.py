@@ -237,7 +237,7 @@ def profile(name: str, dtype: str, extra: dict[str, str], steps: int, trace_dir:
     """Build, warm up, trace ``steps`` steps; op time per instruction and kind (the trace kept in ``trace_dir``)."""
     config = train_bench.make_config(name, dtype, extra)
     built = train_bench.build_step(config)
-    instrs = parse_hlo(built["step"].as_text())
+    instrs = parse_hlo(built["compiled"].as_text())
     step, batch, rng, state = built["step"], built["batch"], built["rng"], built["state"]
     with jax.set_mesh(built["exp"].mesh), nn.logical_axis_rules(built["exp"].rules):
         for _ in range(3):

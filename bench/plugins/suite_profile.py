@@ -26,6 +26,7 @@ import collections
 import glob
 import json
 import os
+import re
 import time
 import traceback
 from typing import Any
@@ -41,6 +42,8 @@ _current: dict[str, str | None] = {"test": None}
 _tests: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 _compiles: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 _sites: collections.Counter = collections.Counter()
+_slow: list[dict[str, Any]] = []  # compilations of at least SLOW_COMPILE seconds, with their signatures
+SLOW_COMPILE = 0.3
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -50,6 +53,27 @@ def _call_site() -> str:
         path = os.path.relpath(frame.filename, _REPO)
         if path.startswith(("tests" + os.sep, "jaxlm" + os.sep)):
             return f"{path}:{frame.lineno} {frame.name}"
+    return "?"
+
+
+def _signature() -> str:
+    """The compiled module's ``main`` signature (argument and result types), read from JAX's compiling frame.
+
+    Two compilations of one function with different signatures are two programs; listing them
+    shows tests that compile near-identical programs (same model, another batch size) which one
+    shared shape would turn into cache hits.
+    """
+    import sys
+
+    frame = sys._getframe()
+    while frame is not None and frame.f_code.co_name != "_cached_compilation":
+        frame = frame.f_back
+    computation = frame.f_locals.get("computation") if frame is not None else None
+    if computation is None:
+        return "?"
+    for op in computation.body.operations:
+        if "sym_name" in op.attributes and str(op.attributes["sym_name"]) == '"main"':
+            return re.sub(r"\{[^{}]*\}", "", str(op.attributes["function_type"]))
     return "?"
 
 
@@ -66,6 +90,8 @@ def _on_duration(event: str, duration: float, **kwargs: Any) -> None:
         site = f"{_call_site()} -> {name}"
         _sites[site] += duration
         _sites[site + " #"] += 1
+        if duration >= SLOW_COMPILE:
+            _slow.append({"test": test, "name": name, "seconds": duration, "site": site, "signature": _signature()})
 
 
 def _on_event(event: str, **kwargs: Any) -> None:
@@ -81,8 +107,9 @@ def pytest_configure(config: Any) -> None:
     import jax
 
     if "PYTEST_XDIST_WORKER" not in os.environ:  # the run's first process: drop an earlier run's files
-        for path in glob.glob(os.path.join(_directory(), "*.json")) + glob.glob(os.path.join(_directory(), "*.sites")):
-            os.remove(path)
+        for pattern in ("*.json", "*.sites", "*.slow"):
+            for path in glob.glob(os.path.join(_directory(), pattern)):
+                os.remove(path)
 
     jax.monitoring.register_event_duration_secs_listener(_on_duration)
     jax.monitoring.register_event_listener(_on_event)
@@ -113,6 +140,8 @@ def pytest_unconfigure(config: Any) -> None:
         json.dump({t: {"times": dict(c), "compiles": dict(_compiles[t])} for t, c in _tests.items()}, f)
     with open(os.path.join(directory, f"{worker}.sites"), "w") as f:
         json.dump(dict(_sites), f)
+    with open(os.path.join(directory, f"{worker}.slow"), "w") as f:
+        json.dump(_slow, f)
 
 
 def summarize(directory: str, top: int) -> str:

@@ -50,6 +50,8 @@ class Experiment:
     base_shardings: Any = None
     # {parameter path: axis} of the parameters whose axis holds the (padded) vocabulary (jaxlm.models.vocab).
     vocab_axes: dict[str, int] = dataclasses.field(default_factory=dict)
+    # The optimizer's numbers (optim.hyperparameters) that the trainer's compiled step takes as inputs.
+    hyper: optim.Hyper = dataclasses.field(default_factory=dict)
 
 
 def enable_compile_cache(directory: str) -> str | None:
@@ -144,6 +146,7 @@ def build(config: Config, vocab_size: int, *, num_steps: int | None = None, num_
     rules = config.sharding.as_tuples()
     model = models.build(model_cfg, head=heads.from_config(config, num_labels or None))
     tx = optim.make_optimizer(config.optim, num_steps or config.train.num_steps)
+    hyper = optim.hyperparameters(config.optim, num_steps or config.train.num_steps)
 
     def init_boxed(rng: jax.Array) -> Any:
         args = example_args(model_cfg, config.data.seq_len, config.data.objective)
@@ -181,6 +184,7 @@ def build(config: Config, vocab_size: int, *, num_steps: int | None = None, num_
         abstract_base,
         base_shardings,
         vocab.vocab_axes(boxed),
+        hyper,
     )
 
 
@@ -294,11 +298,17 @@ def effective_params_fn(exp: Experiment) -> Callable[[Any, Any], Any]:
 
 
 def train_step_fn(exp: Experiment) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-    """``steps.lm.train_step`` bound to the experiment's model, optimizer, objective and config."""
+    """``steps.lm.train_step`` bound to the experiment's model, optimizer, objective and config.
+
+    Called as ``(state, batch, rng)`` (PEFT: ``..., frozen``) it uses ``exp.tx``, whose numbers
+    are constants; called with ``hyper=exp.hyper`` as well (the trainer does) it takes the
+    optimizer's numbers as inputs, so runs that differ only in them share one compiled program.
+    """
     return functools.partial(
         lm.train_step,
         model=exp.model,
         tx=exp.tx,
+        make_tx=functools.partial(optim.make_optimizer, exp.config.optim, exp.config.train.num_steps),
         grad_accum_steps=exp.config.optim.grad_accum_steps,
         objective=objectives.get(exp.config.data.objective).loss,
         cond_update=hardware.cpu_auto(exp.config.train.cond_update, "cond_update"),

@@ -36,9 +36,11 @@ def train_step(
     batch: Batch,
     rng: jax.Array,
     frozen: Any = None,
+    hyper: Any = None,
     *,
     model: nn.Module,
     tx: optax.GradientTransformation,
+    make_tx: Callable[[Any], optax.GradientTransformation] | None = None,
     grad_accum_steps: int = 1,
     objective: objectives.LossFn = objectives.causal_lm,
     cond_update: bool = False,
@@ -63,7 +65,15 @@ def train_step(
     conditional is faster and smaller: the element-wise select made XLA recompute the Adam
     moments inside the parameter update and copy the donated optimizer state first (200 copies
     per step at ``baby``); on a GPU a conditional sends its predicate to the host.
+
+    ``hyper`` (``jaxlm.optim.hyperparameters``: learning-rate schedule, weight decay, clipping
+    norm), when given, is passed to ``make_tx`` to build the optimizer inside the step, so those
+    numbers are inputs of the compiled program rather than constants in it; ``tx`` is used otherwise.
     """
+    if hyper is not None:
+        if make_tx is None:
+            raise ValueError("train_step was given hyper but no make_tx to build the optimizer from it")
+        tx = make_tx(hyper)
     step_rng = jax.random.fold_in(rng, state.step)
     if assemble is None:
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
