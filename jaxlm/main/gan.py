@@ -110,6 +110,8 @@ class Gan:
     rules: sharding.Rules
     abstract_state: gan_steps.GanState
     state_shardings: gan_steps.GanState
+    # The optimizers' numbers (:func:`hyperparameters`) that the compiled updates take as inputs.
+    hyper: dict[str, np.float32] = dataclasses.field(default_factory=dict)
 
 
 def _oracle_params() -> dict[str, jax.Array]:
@@ -132,11 +134,48 @@ def load_data(config: Config, workdir: str, *, stream: TextIO) -> Data:
     return Data(train, test, tokenizer.vocab_size, tokenizer.bos_id, tokenizer)
 
 
-def _optimizer(lr: optax.ScalarOrSchedule, config: Config) -> optax.GradientTransformation:
+Transformation = optax.GradientTransformation
+
+
+def hyperparameters(config: Config, pretrain_g: int) -> dict[str, np.float32]:
+    """The numbers the compiled updates take as inputs, as float32 scalars (as ``jaxlm.optim.hyperparameters``).
+
+    Runs that differ only in the learning rates, the MLE pre-training length, weight decay or the
+    clipping norm then share their compiled programs through the persistent cache. Adam's betas
+    stay constants (optax computes ``1 - b1`` inside the update).
+    """
     g = config.gan
-    parts = [optax.clip_by_global_norm(g.clip_norm)] if g.clip_norm > 0 else []
-    parts.append(optax.adamw(lr, b1=g.b1, b2=g.b2, weight_decay=g.weight_decay))
-    return optax.chain(*parts)
+    values = {
+        "g_lr": g.g_lr,
+        "adv_g_lr": g.adv_g_lr,
+        "d_lr": g.d_lr,
+        "pretrain_g": pretrain_g,
+        "weight_decay": g.weight_decay,
+        "clip_norm": g.clip_norm,
+    }
+    return {k: np.float32(v) for k, v in values.items()}
+
+
+def optimizers(
+    config: Config, hyper: dict[str, Any]
+) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+    """G's and D's AdamW from ``hyper`` (:func:`hyperparameters`, possibly traced).
+
+    MLE pre-training and adversarial G updates share one AdamW state (its count orders them): G's
+    learning rate is ``g_lr`` for the first ``pretrain_g`` G updates, ``adv_g_lr`` after (optax's
+    ``join_schedules`` of two constants). Clipping and weight decay exist when the config's values
+    are above 0 (clipping shapes the optimizer state).
+    """
+    g = config.gan
+
+    def adamw(lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+        parts = [optax.clip_by_global_norm(hyper["clip_norm"])] if g.clip_norm > 0 else []
+        decay = hyper["weight_decay"] if g.weight_decay else 0.0
+        parts.append(optax.adamw(lr, b1=g.b1, b2=g.b2, weight_decay=decay))
+        return optax.chain(*parts)
+
+    g_lr = lambda count: jnp.where(count < hyper["pretrain_g"], hyper["g_lr"], hyper["adv_g_lr"])  # noqa: E731
+    return adamw(g_lr), adamw(hyper["d_lr"])
 
 
 def _subtree_specs(tree: Any, abstract_params: Any, param_specs: Any) -> Any:
@@ -170,9 +209,8 @@ def build(config: Config, vocab_size: int, start_id: int, pretrain_g: int) -> Ga
     seq_len = config.data.seq_len
     gen = gan_models.build_generator(g, config.model, vocab_size, seq_len, start_id)
     disc = gan_models.build_discriminator(g, config.model, vocab_size, seq_len)
-    # MLE pre-training and adversarial G updates share one AdamW state (its count orders them).
-    g_lr = optax.join_schedules([optax.constant_schedule(g.g_lr), optax.constant_schedule(g.adv_g_lr)], [pretrain_g])
-    g_tx, d_tx = _optimizer(g_lr, config), _optimizer(g.d_lr, config)
+    hyper = hyperparameters(config, pretrain_g)
+    g_tx, d_tx = optimizers(config, hyper)
     mesh = sharding.make_mesh(config.mesh)
     rules = config.sharding.as_tuples()
     g_boxed = jax.eval_shape(gen.init, jax.random.key(0))
@@ -191,7 +229,7 @@ def build(config: Config, vocab_size: int, start_id: int, pretrain_g: int) -> Ga
     )
     shardings = sharding.logical_to_sharding(specs, mesh, rules)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    return Gan(gen, disc, g_tx, d_tx, mesh, rules, abstract, shardings)
+    return Gan(gen, disc, g_tx, d_tx, mesh, rules, abstract, shardings, hyper)
 
 
 def init_state(gan: Gan, seed: int) -> gan_steps.GanState:
@@ -208,30 +246,42 @@ def init_state(gan: Gan, seed: int) -> gan_steps.GanState:
 
 
 def step_functions(gan: Gan, config: Config) -> dict[str, Callable[..., Any]]:
-    """The three updates as pure functions ``(state, batch, temperature) -> (state, metrics)``."""
+    """The three updates as pure functions ``(state, batch, temperature, hyper) -> (state, metrics)``.
+
+    ``hyper`` is :func:`hyperparameters` (``gan.hyper``): the optimizers are built from it inside
+    the update, so their numbers are inputs of the compiled program rather than constants in it.
+    """
     g = config.gan
+
+    def with_optimizer(update: Callable[..., Any], tx_name: str, **kw: Any) -> Callable[..., Any]:
+        def step(state: gan_steps.GanState, batch: Any, temperature: jax.Array, hyper: Any) -> Any:
+            g_tx, d_tx = optimizers(config, hyper)
+            return update(state, batch, temperature, **{tx_name: g_tx if tx_name == "g_tx" else d_tx}, **kw)
+
+        return step
+
     adversarial_g = (
-        functools.partial(
+        with_optimizer(
             gan_steps.seqgan_g_step,
+            "g_tx",
             gen=gan.gen,
             disc=gan.disc,
-            g_tx=gan.g_tx,
             loss=g.loss,
             num_rollouts=g.num_rollouts,
             rollout_update_rate=g.rollout_update_rate,
         )
         if g.mode == "seqgan"
-        else functools.partial(
-            gan_steps.gumbel_g_step, gen=gan.gen, disc=gan.disc, g_tx=gan.g_tx, loss=g.loss, feed=g.gumbel_feed
+        else with_optimizer(
+            gan_steps.gumbel_g_step, "g_tx", gen=gan.gen, disc=gan.disc, loss=g.loss, feed=g.gumbel_feed
         )
     )
     return {
-        MLE: functools.partial(gan_steps.mle_step, gen=gan.gen, g_tx=gan.g_tx),
-        D: functools.partial(
+        MLE: with_optimizer(gan_steps.mle_step, "g_tx", gen=gan.gen),
+        D: with_optimizer(
             gan_steps.d_step,
+            "d_tx",
             gen=gan.gen,
             disc=gan.disc,
-            d_tx=gan.d_tx,
             mode=g.mode,
             loss=g.loss,
             gp_weight=g.gp_weight,
@@ -331,11 +381,12 @@ def _run(config: Config, workdir: str, *, stop_at: int | None, stream: TextIO) -
         kind: jax.jit(
             fn,
             donate_argnums=0,
-            in_shardings=(gan.state_shardings, batch_sharding, repl),
+            in_shardings=(gan.state_shardings, batch_sharding, repl, repl),
             out_shardings=(gan.state_shardings, repl),
         )
         for kind, fn in step_functions(gan, config).items()
     }
+    hyper = jax.device_put(gan.hyper, repl)
     evaluate = _evaluator(config, gan, data)
 
     # ---- Loop.
@@ -365,7 +416,7 @@ def _run(config: Config, workdir: str, *, stop_at: int | None, stream: TextIO) -
             kind = schedule.kind(step)
             temperature = jnp.asarray(_temperature(config, schedule, step), jnp.float32)
             batch = sharding.host_to_global(next(data_iter), gan.mesh, gan.rules)
-            state, metrics = compiled[kind](state, batch, temperature)
+            state, metrics = compiled[kind](state, batch, temperature, hyper)
             interval.add(metrics)
             kinds.append(kind)
             step += 1

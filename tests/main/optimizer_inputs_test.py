@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxlm import config_lib, optim
-from jaxlm.main import train
+from jaxlm.main import gan, train
 
 MISS = "/jax/compilation_cache/cache_misses"
 
@@ -82,3 +82,24 @@ def test_schedule_with_traced_numbers_matches_the_formula():
     hyper = optim.hyperparameters(dataclasses.replace(cfg, warmup_steps=0), 100)
     np.testing.assert_allclose(float(lr_at(0, hyper)), 1.0, rtol=1e-6)
     assert optim.hyperparameters(cfg, 5)["warmup_steps"] == 4
+
+
+def test_gan_runs_differing_in_learning_rates_decay_and_clip_compile_nothing_new(tmp_path):
+    def config(**overrides):
+        c = config_lib.load_config_file("configs/seqgan.py:size=tiny")
+        c.train.progress = False
+        config_lib.apply_overrides(c, {k: str(v) for k, v in overrides.items()})
+        return config_lib.validate(c)
+
+    first = gan.run(config(), str(tmp_path / "first"))
+    other = config(**{"gan.g_lr": 0.02, "gan.adv_g_lr": 0.003, "gan.d_lr": 3e-4, "gan.clip_norm": 1.0})
+    assert gan.hyperparameters(other, 3)["d_lr"] == np.float32(3e-4)
+    misses = []
+    listener = lambda event, **kw: misses.append(event) if event == MISS else None  # noqa: E731
+    jax.monitoring.register_event_listener(listener)
+    try:
+        second = gan.run(other, str(tmp_path / "second"))
+    finally:
+        jax.monitoring.unregister_event_listener(listener)
+    assert misses == []  # the MLE, D and G updates, init, sampling and evaluation all came from the cache
+    assert second["nll_oracle"] != first["nll_oracle"]  # the new numbers trained G differently
