@@ -1,6 +1,8 @@
 """The trainer's step takes the optimizer's numbers as inputs: runs that differ only in them share one program."""
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,18 @@ from jaxlm import config_lib, optim
 from jaxlm.main import gan, train
 
 MISS = "/jax/compilation_cache/cache_misses"
+
+
+@contextlib.contextmanager
+def _cache_misses() -> Iterator[list[str]]:
+    """The persistent compilation cache's misses (one per program compiled anew) inside the block."""
+    misses: list[str] = []
+    listener = lambda event, **kw: misses.append(event) if event == MISS else None  # noqa: E731
+    jax.monitoring.register_event_listener(listener)
+    try:
+        yield misses
+    finally:
+        jax.monitoring.unregister_event_listener(listener)
 
 
 def _optim(**kw):
@@ -28,13 +42,8 @@ def test_runs_differing_in_lr_steps_warmup_decay_and_clip_compile_nothing_new(ti
     second = config_lib.validate(c)
     train.run(first, str(tmp_path / "first"))
 
-    misses = []
-    listener = lambda event, **kw: misses.append(event) if event == MISS else None  # noqa: E731
-    jax.monitoring.register_event_listener(listener)
-    try:
+    with _cache_misses() as misses:
         metrics = train.run(second, str(tmp_path / "second"))
-    finally:
-        jax.monitoring.unregister_event_listener(listener)
     # Every program of the second run (init, train step, eval, logged schedule) came from the
     # persistent cache that the first run filled: the new numbers are inputs, not constants.
     assert misses == []
@@ -94,12 +103,7 @@ def test_gan_runs_differing_in_learning_rates_decay_and_clip_compile_nothing_new
     first = gan.run(config(), str(tmp_path / "first"))
     other = config(**{"gan.g_lr": 0.02, "gan.adv_g_lr": 0.003, "gan.d_lr": 3e-4, "gan.clip_norm": 1.0})
     assert gan.hyperparameters(other, 3)["d_lr"] == np.float32(3e-4)
-    misses = []
-    listener = lambda event, **kw: misses.append(event) if event == MISS else None  # noqa: E731
-    jax.monitoring.register_event_listener(listener)
-    try:
+    with _cache_misses() as misses:
         second = gan.run(other, str(tmp_path / "second"))
-    finally:
-        jax.monitoring.unregister_event_listener(listener)
     assert misses == []  # the MLE, D and G updates, init, sampling and evaluation all came from the cache
     assert second["nll_oracle"] != first["nll_oracle"]  # the new numbers trained G differently
