@@ -135,15 +135,19 @@ def _decoder_inputs(
             raise UserError(f"--target is {len(ids)} tokens; the decoder reads at most max_len - 1 = {max_len - 1}")
         return jnp.asarray(np.concatenate([[0], ids])[None, :], jnp.int32)
     n = max(1, min(max_new_tokens, max_len - 1))
-    encoded = model.apply({"params": params}, inputs, method="encode")
-    step = generate.make_seq2seq_step_fn(model, params, encoded, inputs)
     cache = generate.init_cache(model, 1, max_len, inputs)
     start = jnp.zeros((1, 1), jnp.int32)
-    new = np.asarray(
-        decoding.generate(
+
+    # One program: run op by op, the encoder alone compiled ~70 one-op programs (seconds on a CPU).
+    @jax.jit
+    def greedy(params: Any, cache: Any, inputs: jax.Array) -> jax.Array:
+        encoded = model.apply({"params": params}, inputs, method="encode")
+        step = generate.make_seq2seq_step_fn(model, params, encoded, inputs)
+        return decoding.generate(
             step, cache, start, jax.random.key(0), max_new_tokens=n, temperature=0.0, eos_id=tokenizer.eos_id
         )
-    )[0]
+
+    new = np.asarray(greedy(params, cache, inputs))[0]
     eos = np.flatnonzero(new == tokenizer.eos_id)
     new = new[: eos[0] + 1] if len(eos) else new
     return jnp.asarray(np.concatenate([[0], new])[None, :], jnp.int32)
