@@ -43,11 +43,14 @@ def _adapters(kind, model, params, prompt, beam):
 
         return make_step_fn(model, params), lambda r: init_cache(model, r, max_len), prompt, forward
     inputs = prompt  # drawn from 2..V-1: no pad id (0) among the encoder tokens
-    encoded = model.apply({"params": params}, inputs, method="encode")
+    # Jitted: op by op the encoder and the full forward compile ~100 one-op programs that no other
+    # case of this file shares (the decoder-only cases share theirs, so they stay eager).
+    encoded = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode"))(params, inputs)
     step = make_seq2seq_step_fn(model, params, jnp.repeat(encoded, beam, axis=0), jnp.repeat(inputs, beam, axis=0))
     s = inputs.shape[1]
     start = jnp.zeros((prompt.shape[0], 1), jnp.int32)
 
+    @jax.jit
     def forward_seq2seq(seqs):
         rows = seqs.shape[0] // inputs.shape[0]
         return model.apply({"params": params}, jnp.repeat(inputs, rows, axis=0), seqs)
