@@ -134,9 +134,6 @@ def load_data(config: Config, workdir: str, *, stream: TextIO) -> Data:
     return Data(train, test, tokenizer.vocab_size, tokenizer.bos_id, tokenizer)
 
 
-Transformation = optax.GradientTransformation
-
-
 def hyperparameters(config: Config, pretrain_g: int) -> dict[str, np.float32]:
     """The numbers the compiled updates take as inputs, as float32 scalars (as ``jaxlm.optim.hyperparameters``).
 
@@ -255,8 +252,8 @@ def step_functions(gan: Gan, config: Config) -> dict[str, Callable[..., Any]]:
 
     def with_optimizer(update: Callable[..., Any], tx_name: str, **kw: Any) -> Callable[..., Any]:
         def step(state: gan_steps.GanState, batch: Any, temperature: jax.Array, hyper: Any) -> Any:
-            g_tx, d_tx = optimizers(config, hyper)
-            return update(state, batch, temperature, **{tx_name: g_tx if tx_name == "g_tx" else d_tx}, **kw)
+            txs = dict(zip(("g_tx", "d_tx"), optimizers(config, hyper)))
+            return update(state, batch, temperature, **{tx_name: txs[tx_name]}, **kw)
 
         return step
 
