@@ -11,10 +11,11 @@ import dataclasses
 
 import numpy as np
 import pytest
+import reference_libs
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-hf_peft = pytest.importorskip("peft")
+torch = reference_libs.importorskip("torch")
+transformers = reference_libs.importorskip("transformers")
+hf_peft = reference_libs.importorskip("peft")
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402

@@ -43,6 +43,7 @@ _tests: dict[str, collections.Counter] = collections.defaultdict(collections.Cou
 _compiles: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 _sites: collections.Counter = collections.Counter()
 _slow: list[dict[str, Any]] = []  # compilations of at least SLOW_COMPILE seconds, with their signatures
+_clock: dict[str, float] = {}  # this process's start (pytest_configure) as Unix time, for the workers' timeline
 SLOW_COMPILE = 0.3
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -107,10 +108,11 @@ def pytest_configure(config: Any) -> None:
     import jax
 
     if "PYTEST_XDIST_WORKER" not in os.environ:  # the run's first process: drop an earlier run's files
-        for pattern in ("*.json", "*.sites", "*.slow"):
+        for pattern in ("*.json", "*.sites", "*.slow", "*.clock"):
             for path in glob.glob(os.path.join(_directory(), pattern)):
                 os.remove(path)
 
+    _clock["configure"] = time.time()
     jax.monitoring.register_event_duration_secs_listener(_on_duration)
     jax.monitoring.register_event_listener(_on_event)
 
@@ -118,6 +120,7 @@ def pytest_configure(config: Any) -> None:
 def pytest_runtest_protocol(item: Any, nextitem: Any) -> None:
     _current["test"] = item.nodeid
     _tests[item.nodeid]["_wall0"] = time.perf_counter()
+    _tests[item.nodeid].setdefault("start", time.time())
     _tests[item.nodeid]["_cpu0"] = time.process_time()
 
 
@@ -127,6 +130,7 @@ def pytest_runtest_logfinish(nodeid: str, location: Any) -> None:
         return
     counts["wall"] += time.perf_counter() - counts.pop("_wall0")
     counts["cpu"] += time.process_time() - counts.pop("_cpu0")
+    counts["end"] = time.time()
     _current["test"] = None
 
 
@@ -142,6 +146,8 @@ def pytest_unconfigure(config: Any) -> None:
         json.dump(dict(_sites), f)
     with open(os.path.join(directory, f"{worker}.slow"), "w") as f:
         json.dump(_slow, f)
+    with open(os.path.join(directory, f"{worker}.clock"), "w") as f:
+        json.dump(_clock, f)
 
 
 def summarize(directory: str, top: int) -> str:
@@ -195,7 +201,41 @@ def summarize(directory: str, top: int) -> str:
             f"{t.get('wall', 0):7.1f} {t.get('compile', 0):7.1f} {t.get('trace', 0):6.1f} {t.get('lower', 0):6.1f} "
             f"{int(t.get('compiles', 0)):6d}        {test}"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + _timeline(directory))
+
+
+def _timeline(directory: str) -> list[str]:
+    """Each worker's start-up (configure to its first test), busy time, and when its last test ended.
+
+    With ``--dist loadfile`` a worker that runs out of files idles while the other finishes its
+    last one; the gap between the workers' last ends is that idle tail.
+    """
+    starts = []
+    for path in sorted(glob.glob(os.path.join(directory, "*.clock"))):
+        with open(path) as f:
+            starts.append(json.load(f)["configure"])
+    if not starts:
+        return []
+    t0, lines = min(starts), ["", "worker   start-up  first test  last end   busy  last files (end, s)"]
+    for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
+        worker = os.path.basename(path)[: -len(".json")]
+        with open(os.path.join(directory, f"{worker}.clock")) as f:
+            configure = json.load(f)["configure"]
+        with open(path) as f:
+            ran = {t: r["times"] for t, r in json.load(f).items() if "start" in r["times"] and "end" in r["times"]}
+        if not ran:
+            continue
+        times = list(ran.values())
+        first = min(t["start"] for t in times)
+        files: dict[str, float] = {}
+        for test in sorted(ran, key=lambda t: ran[t]["end"]):
+            files[test.split("::")[0]] = ran[test]["end"] - t0
+        tail = ", ".join(f"{name} ({end:.0f})" for name, end in list(files.items())[-3:])
+        lines.append(
+            f"{worker:8} {first - configure:8.1f} {first - t0:11.1f} {max(t['end'] for t in times) - t0:9.1f} "
+            f"{sum(t.get('wall', 0) for t in times):6.1f}  {tail}"
+        )
+    return lines
 
 
 def main() -> None:

@@ -11,9 +11,10 @@ import os
 
 import numpy as np
 import pytest
+import reference_libs
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = reference_libs.importorskip("torch")
+transformers = reference_libs.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 import jax  # noqa: E402

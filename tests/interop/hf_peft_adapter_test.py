@@ -12,10 +12,11 @@ import os
 
 import numpy as np
 import pytest
+import reference_libs
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-hf_peft_lib = pytest.importorskip("peft")
+torch = reference_libs.importorskip("torch")
+transformers = reference_libs.importorskip("transformers")
+hf_peft_lib = reference_libs.importorskip("peft")
 pytest.importorskip("safetensors")
 
 import jax  # noqa: E402

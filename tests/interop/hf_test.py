@@ -12,10 +12,11 @@ import sys
 
 import numpy as np
 import pytest
+import reference_libs
 from subprocess_env import subprocess_env
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = reference_libs.importorskip("torch")
+transformers = reference_libs.importorskip("transformers")
 pytest.importorskip("safetensors")
 tokenizers_lib = pytest.importorskip("tokenizers")
 

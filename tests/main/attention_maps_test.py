@@ -6,10 +6,11 @@ import os
 
 import numpy as np
 import pytest
+import reference_libs
 
 pytest.importorskip("matplotlib")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = reference_libs.importorskip("torch")
+transformers = reference_libs.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from jaxlm import cli  # noqa: E402
