@@ -51,8 +51,12 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import pytest  # noqa: E402
+import small_programs  # noqa: E402
 
 from jaxlm import config_lib  # noqa: E402
+
+if os.environ.get("JAXLM_TESTS_CHEAP_SMALL_PROGRAMS", "1") != "0":  # 0: compile them like the rest (A/B)
+    small_programs.install()
 
 
 @pytest.fixture(scope="session", autouse=True)
