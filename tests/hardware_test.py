@@ -153,7 +153,11 @@ def test_the_probe_measures_a_matmul(monkeypatch):
 
 def test_small_initializers_compile_cheaply_on_a_cpu_only():
     cheap = hardware.init_compiler_options(10**6, backend="cpu")
-    assert cheap == {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    assert cheap == {
+        "xla_backend_optimization_level": 0,
+        "xla_llvm_disable_expensive_passes": True,
+        "xla_cpu_use_fusion_emitters": False,
+    }
     assert hardware.init_compiler_options(hardware.CHEAP_INIT_MAX_PARAMS, backend="cpu") == {}
     assert hardware.init_compiler_options(10**6, backend="gpu") == {}
     assert hardware.init_compiler_options(10**6, backend="tpu") == {}
@@ -175,3 +179,12 @@ def test_a_cheaply_compiled_initializer_draws_the_optimized_programs_values():
         optimized = jax.jit(init)(jax.random.key(0))  # XLA's default options
     for path, a in param_paths.flatten(state.params).items():
         np.testing.assert_allclose(a, param_paths.flatten(optimized)[path], rtol=1e-6, atol=1e-7, err_msg=path)
+
+    # Without the MLIR fusion emitters the cheap program draws the same bits as with them.
+    options = hardware.init_compiler_options(experiment.param_count(state.params))
+    with_emitters = dict(options, xla_cpu_use_fusion_emitters=True)
+    with jax.set_mesh(exp.mesh), nn.logical_axis_rules(exp.rules):
+        lowered = jax.jit(init).lower(jax.random.key(0))
+        cheap, emitted = (lowered.compile(compiler_options=o)(jax.random.key(0)) for o in (options, with_emitters))
+    for a, b in zip(jax.tree.leaves(cheap), jax.tree.leaves(emitted)):
+        np.testing.assert_array_equal(a, b)
