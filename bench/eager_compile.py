@@ -20,6 +20,9 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
 VARIANTS = {
     "level 1 (the tests')": "--xla_backend_optimization_level=1",
     "level 1, no fusion emitters": "--xla_backend_optimization_level=1 --xla_cpu_use_fusion_emitters=false",
@@ -41,21 +44,11 @@ print(time.perf_counter() - t)
 """
 
 
-def cpu_flags() -> str:
-    """The ISA flags that decide XLA:CPU's kernels (empty off Linux)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(line for line in f if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return ""
-    return " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", type=int, default=300, help="array shapes; 4 eager ops each")
     args = parser.parse_args()
-    print(f"CPU flags: {cpu_flags()}; {os.cpu_count()} CPUs; {args.shapes} shapes x 4 eager ops")
+    print(f"{common.describe_machine(common.machine())}; {args.shapes} shapes x 4 eager ops")
     for name, flags in VARIANTS.items():
         with tempfile.TemporaryDirectory() as cache:
             env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")

@@ -54,8 +54,10 @@ def install() -> bool:
     except ImportError:
         return False
     original = getattr(pxla, "create_compile_options", None)
-    if original is None or getattr(original, "_jaxlm_small_programs", False):
-        return original is not None
+    if original is None:
+        return False
+    if getattr(original, "_jaxlm_small_programs", False):  # installed already
+        return True
 
     def create_compile_options(computation, tuple_args, allow_in, allow_out, backend, np_dev, compiler_options):
         if backend.platform == "cpu" and not compiler_options and is_small(computation):
